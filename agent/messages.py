@@ -1,0 +1,130 @@
+"""The one catalogue of result messages.
+
+Orchestrators match OVHcloud's texts literally, so every message an install can end with is
+built here and nowhere else. The table in SPEC.md is the contract; the helpers below only fill
+in its placeholders. Messages of our own wording (busy disk, unsafe qcow2, ...) live here too so
+that wording changes happen in one place.
+"""
+
+from __future__ import annotations
+
+CHECKSUM_TYPES = ("md5", "sha1", "sha256", "sha512")
+IMAGE_TYPES = ("qcow2", "raw")
+
+
+class InstallError(Exception):
+    """An install ends with exactly one result message.
+
+    ``message`` is the public result text (safe to show: no secrets); ``detail`` is the reason
+    for the log (stderr of a tool, an errno, ...), also redacted by whoever raises it.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- OVHcloud's texts (SPEC.md "Result messages") ---------------------------------------------
+
+BAD_FORMAT = "Bad format image, expected: qcow2, raw."
+BAD_CHECKSUM_TYPE = "Bad checkSumType, expected: md5, sha1, sha256, sha512."
+CHECKSUM_PAIR = "Please provide checkSum AND checkSumType or none of them"
+GPT_MOVE_FAILED = "Can not move backup GPT data structures to the end of disk."
+CONFIGDRIVE_FAILED = "Could not create configdrive on disk."
+
+
+def too_big_for_memory(image_type: str) -> str:
+    return f"Could not download, {image_type} image is too big to download in memory."
+
+
+def download_failed(redacted_url: str) -> str:
+    return f"Could not download image located: {redacted_url} ."
+
+
+def bad_checksum(checksum_type: str, actual: str, expected: str) -> str:
+    return f"Bad {checksum_type} for downloaded file, got: {actual} while expecting {expected}."
+
+
+def format_mismatch(detected: str, expected: str) -> str:
+    return (
+        f"image provided format is {detected} which does not match expected {expected} format"
+    )
+
+
+def raw_without_partition_table(contents: str) -> str:
+    return (
+        "image provided format is not of type raw because no partition table was found. "
+        f"It seems to contain: {contents}"
+    )
+
+
+def image_larger_than_disk(image_size: int, device: str, disk_size: int) -> str:
+    return (
+        f"image provided has a size of {image_size} bytes which is larger than "
+        f"{device} of {disk_size} bytes"
+    )
+
+
+def cant_write(image_type: str) -> str:
+    return f"Can't write {image_type} on disk."
+
+
+# --- our own wording ----------------------------------------------------------------------------
+
+INSTALL_RUNNING = "An install is already running on this server."
+SOFTWARE_RAID = (
+    "Software RAID is not supported by Bring Your Own Image; "
+    "configure RAID in the image or use BYOLinux."
+)
+NO_ELIGIBLE_DISK = "No eligible disk found to install the image on."
+MISSING_IMAGE_URL = "Missing imageURL."
+MISSING_IMAGE_TYPE = "Missing imageType."
+BAD_URL_SCHEME = "imageURL must be an http or https URL."
+USER_DATA_TOO_LARGE = "configDriveUserData is larger than 64 KiB."
+UNKNOWN_TEMPLATE = "Only the byoi templates are supported by this agent."
+
+
+def bad_url(reason: str) -> str:
+    return f"imageURL is not a valid URL: {reason}."
+
+
+def bad_checksum_value(checksum_type: str, length: int) -> str:
+    return (
+        f"imageCheckSum is not a valid {checksum_type} checksum: "
+        f"expected {length} hexadecimal characters."
+    )
+
+
+def bad_header(name: str) -> str:
+    return f"HTTP header {name!r} is refused: names and values must not contain CR or LF."
+
+
+def bad_request(reason: str) -> str:
+    return f"Bad request: {reason}."
+
+
+def unsafe_qcow2(reason: str) -> str:
+    return f"image provided is an unsafe qcow2 image: {reason}."
+
+
+def disk_busy(device: str, reason: str) -> str:
+    return f"Target disk {device} is busy: {reason}."
+
+
+def disk_not_eligible(device: str, reason: str) -> str:
+    return f"Target disk {device} cannot be used: {reason}."
+
+
+def no_disk_matches_hints(hints: str) -> str:
+    return f"No disk matches the root device hints: {hints}."
+
+
+def sector_size_mismatch(image_sector: int, device: str, disk_sector: int) -> str:
+    return (
+        f"image provided has a partition table for {image_sector}-byte sectors, "
+        f"but {device} has {disk_sector}-byte logical sectors"
+    )
