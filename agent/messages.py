@@ -50,9 +50,7 @@ def bad_checksum(checksum_type: str, actual: str, expected: str) -> str:
 
 
 def format_mismatch(detected: str, expected: str) -> str:
-    return (
-        f"image provided format is {detected} which does not match expected {expected} format"
-    )
+    return f"image provided format is {detected} which does not match expected {expected} format"
 
 
 def raw_without_partition_table(contents: str) -> str:

@@ -72,8 +72,10 @@ def parse_request(body: Any) -> InstallRequest:
         fields, hostname = _from_install_start(body, warnings)
     else:
         raise InstallError(
-            msg.bad_request("expected an install/start body (templateName, userMetadata) "
-                            "or a reinstall body (operatingSystem, customizations)")
+            msg.bad_request(
+                "expected an install/start body (templateName, userMetadata) "
+                "or a reinstall body (operatingSystem, customizations)"
+            )
         )
     return _build(fields, hostname, warnings)
 
@@ -229,8 +231,7 @@ def _build(fields: dict[str, Any], hostname: Any, warnings: list[str]) -> Instal
     ssh_key = fields.get("sshKey") or ""
     if not isinstance(ssh_key, str):
         raise InstallError(msg.bad_request("sshKey must be a string"))
-    keys = tuple(line.strip() for line in ssh_key.replace("\\n", "\n").splitlines()
-                 if line.strip())
+    keys = tuple(line.strip() for line in ssh_key.replace("\\n", "\n").splitlines() if line.strip())
 
     efi_path = fields.get("efiBootloaderPath") or None
     if efi_path is not None and not isinstance(efi_path, str):
@@ -294,8 +295,9 @@ def decode_user_data(value: Any) -> bytes | None:
     compact = re.sub(rb"\s+", b"", data)
     if compact and re.fullmatch(rb"[A-Za-z0-9+/=_-]+", compact) and len(compact) >= 8:
         try:
-            decoded = base64.b64decode(compact + b"=" * (-len(compact) % 4), altchars=None,
-                                       validate=False)
+            decoded = base64.b64decode(
+                compact + b"=" * (-len(compact) % 4), altchars=None, validate=False
+            )
         except (binascii.Error, ValueError):
             decoded = b""
         if decoded and _looks_like_user_data(decoded):

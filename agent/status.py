@@ -114,10 +114,7 @@ class InstallStatus:
 
     def _snapshot_locked(self) -> dict[str, Any]:
         now = time.monotonic()
-        if self.started is None:
-            elapsed = 0.0
-        else:
-            elapsed = (self.ended or now) - self.started
+        elapsed = 0.0 if self.started is None else (self.ended or now) - self.started
         return {
             "elapsedTime": round(elapsed, 1),
             "progress": [
