@@ -126,3 +126,36 @@ def sector_size_mismatch(image_sector: int, device: str, disk_sector: int) -> st
         f"image provided has a partition table for {image_sector}-byte sectors, "
         f"but {device} has {disk_sector}-byte logical sectors"
     )
+
+
+EFI_ON_LEGACY = (
+    "efiBootloaderPath ignored: the rescue system was not booted with UEFI, "
+    "so no EFI boot entry can be created."
+)
+
+
+def efi_entry_failed(path: str) -> str:
+    return f"Could not create an EFI boot entry for {path}."
+
+
+def install_done(device: str) -> str:
+    return f"Image installed on {device}."
+
+
+def internal_error(step: str, kind: str) -> str:
+    return f"Install failed during step {step or 'start'}: internal error ({kind})."
+
+
+# --- HTTP API (agent/api.py) ----------------------------------------------------------------------
+
+API_UNAUTHORIZED = "Missing or invalid bearer token."
+API_BODY_TIMEOUT = "The request body was not received in time."
+API_INTERNAL_ERROR = "Internal error in the agent; see its log."
+
+
+def api_body_too_large(limit: int) -> str:
+    return f"The request body is larger than the limit of {limit} bytes."
+
+
+def bad_hint(hint: str, reason: str) -> str:
+    return f"Bad root device hint {hint!r}: {reason}."

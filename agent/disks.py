@@ -1,0 +1,744 @@
+"""Which disk the image goes to, and whether it is safe to write it now.
+
+A wrong disk wiped is the worst thing this agent can do, so the rules are strict and explained:
+every block device is listed with the reason it is (or is not) eligible, the default choice is
+deterministic, and a disk is refused while anything uses it.
+
+Discovery enumerates ``block`` devices with ``DEVTYPE=disk`` through pyudev when the sysfs root
+is the real ``/sys`` (and libudev loads), and by listing ``<sysfs>/block`` otherwise (fabricated
+trees in tests, ramdisks without libudev). Either way the attributes are read by ONE function,
+``_read_disk``: udev properties when udevd has populated them, sysfs files when it has not (no
+udevd runs in most rescue ramdisks).
+
+Never eligible: loop, ram, zram, optical (sr), floppy (fd), md, dm, nbd devices and eMMC
+boot/RPMB areas, read-only or zero-size disks, a disk that holds the running rescue system (what
+backs ``/``, ``/boot``, ``/boot/efi`` or a live medium, through partitions, dm/md slaves and loop
+backing files), a disk in use (mounted partitions, active swap, holders such as LVM/RAID/dm) and,
+for the automatic choice only, a disk smaller than 4 GiB (BMC virtual media, SD cards, ...).
+
+Default choice, among eligible disks (see ``choice_key``):
+  1. non-removable before removable: a USB stick or virtual CD is not where an OS goes;
+  2. non-rotational before rotational: a server mixing SSD/NVMe and HDD puts the OS on flash;
+  3. the smallest first, like OpenStack Ironic: OS disks are usually smaller than data disks,
+     and choosing the big data disk wipes the most;
+  4. the natural name order last (sda < sdb, nvme0n1 < nvme1n1) so identical twins always give
+     the same answer.
+Root-device hints (``--hint KEY=VALUE``) override the default; ``--disk`` overrides both but
+still goes through the safety checks (read-only, zero size, running system, busy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent import messages as msg
+from agent.messages import InstallError
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+MIN_AUTO_SIZE = 4 * GiB
+REAL_SYSFS = Path("/sys")
+REAL_DEV = Path("/dev")
+HINT_KEYS = ("name", "serial", "wwn", "model", "vendor", "size", "rotational", "by_path")
+
+# Mount points whose backing disk is the running rescue system itself.
+SYSTEM_MOUNTPOINTS = (
+    "/",
+    "/boot",
+    "/boot/efi",
+    "/efi",
+    "/run/live/medium",
+    "/lib/live/mount/medium",
+    "/run/initramfs/live",
+    "/run/archiso/bootmnt",
+    "/cdrom",
+)
+
+# (name pattern, reason): devices that are never an install target.
+_NEVER: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), reason)
+    for pattern, reason in (
+        (r"loop\d+$", "loop device"),
+        (r"zram\d+$", "compressed RAM disk (zram)"),
+        (r"ram\d+$", "RAM disk"),
+        (r"sr\d+$", "optical drive"),
+        (r"fd\d+$", "floppy drive"),
+        (r"md\d+$|md_", "software RAID (md) device"),
+        (r"dm-\d+$", "device-mapper (LVM/dm) device"),
+        (r"nbd\d+$", "network block device"),
+        (r"mmcblk\d+(boot\d+|rpmb)$", "eMMC boot/RPMB area"),
+    )
+)
+# Block majors that are fixed by the kernel, as a second opinion to the names.
+_NEVER_MAJORS = {
+    1: "RAM disk",
+    2: "floppy drive",
+    7: "loop device",
+    9: "software RAID (md) device",
+    11: "optical drive",
+    43: "network block device",
+}
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One whole-disk block device as discovered, with its verdict."""
+
+    name: str  # kernel name: sda, nvme0n1
+    path: str  # /dev/sda
+    size: int  # bytes
+    logical_sector_size: int
+    physical_sector_size: int
+    model: str | None
+    vendor: str | None
+    serial: str | None
+    wwn: str | None
+    rotational: bool
+    removable: bool
+    read_only: bool
+    by_path: str | None
+    eligible: bool
+    reason: str  # why eligible or not, for a person
+    major: int = 0
+    minor: int = 0
+    partitions: tuple[str, ...] = ()
+    holders: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["partitions"] = list(self.partitions)
+        data["holders"] = list(self.holders)
+        return data
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A mounted filesystem or an active swap area: its source and, if known, its dev number."""
+
+    source: str  # /dev/sda1, /dev/root, /swapfile
+    where: str  # mount point, or "[swap]"
+    devno: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class SystemState:
+    """What the running system uses right now (injectable so the rules are testable)."""
+
+    mounts: tuple[Mount, ...] = ()
+    swaps: tuple[Mount, ...] = ()
+
+
+# --- reading the running system -----------------------------------------------------------------
+
+
+def _devno(value: int) -> tuple[int, int] | None:
+    return (os.major(value), os.minor(value)) if os.major(value) else None
+
+
+def read_system_state(proc_swaps: Path = Path("/proc/swaps")) -> SystemState:
+    """Mounts (psutil) and active swaps (/proc/swaps) of the running system.
+
+    Only device-backed mounts are kept. For the system mount points the dev number of the
+    mounted filesystem (``st_dev``) is recorded too: /proc/mounts often names the root device
+    ``/dev/root``, which does not exist as a node.
+    """
+    mounts: list[Mount] = []
+    for part in psutil.disk_partitions(all=True):
+        if not part.device.startswith("/"):
+            continue  # tmpfs, proc, overlay, nfs "host:/path": no local disk behind the name
+        devno = None
+        if part.mountpoint in SYSTEM_MOUNTPOINTS:
+            with contextlib.suppress(OSError):
+                devno = _devno(os.stat(part.mountpoint).st_dev)
+        mounts.append(Mount(part.device, part.mountpoint, devno))
+    # A ramdisk root (rootfs/tmpfs/overlay) is skipped above; its dev number is anonymous anyway.
+    swaps: list[Mount] = []
+    with contextlib.suppress(OSError):
+        for line in proc_swaps.read_text().splitlines()[1:]:
+            fields = line.split()
+            if not fields:
+                continue
+            path = fields[0].replace("\\040", " ")
+            devno = None
+            with contextlib.suppress(OSError):
+                st = os.stat(path)
+                devno = _devno(st.st_rdev) if stat.S_ISBLK(st.st_mode) else _devno(st.st_dev)
+            swaps.append(Mount(path, "[swap]", devno))
+    return SystemState(tuple(mounts), tuple(swaps))
+
+
+# --- sysfs helpers ------------------------------------------------------------------------------
+
+
+def _attr(path: Path) -> str | None:
+    try:
+        value = path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return value or None
+
+
+def _int_attr(path: Path, default: int = 0) -> int:
+    value = _attr(path)
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _partitions(sysdir: Path) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(p.name for p in sysdir.iterdir() if (p / "partition").is_file()))
+    except OSError:
+        return ()
+
+
+def _listdir(path: Path) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(p.name for p in path.iterdir()))
+    except OSError:
+        return ()
+
+
+def _name_from_devno(devno: tuple[int, int], sysfs: Path) -> str | None:
+    link = sysfs / "dev" / "block" / f"{devno[0]}:{devno[1]}"
+    if not link.exists():
+        return None
+    return link.resolve().name
+
+
+def _name_from_source(source: str, sysfs: Path) -> str | None:
+    """Kernel name of a /dev path: by its dev number when it is a real node, else by its name."""
+    real = os.path.realpath(source)
+    with contextlib.suppress(OSError):
+        st = os.stat(real)
+        if stat.S_ISBLK(st.st_mode):
+            devno = _devno(st.st_rdev)
+            if devno and (name := _name_from_devno(devno, sysfs)):
+                return name
+    base = os.path.basename(real)
+    if (sysfs / "class" / "block" / base).exists():
+        return base
+    return None
+
+
+def whole_disks(name: str, sysfs: Path = REAL_SYSFS, _seen: set[str] | None = None) -> set[str]:
+    """Every whole disk that a block device lives on.
+
+    A partition lives on its parent disk; a dm or md device on its slaves' disks; a loop device
+    on the disk holding its backing file. The device's own whole disk is included.
+    """
+    seen = _seen if _seen is not None else set()
+    if name in seen:
+        return set()
+    seen.add(name)
+    node = sysfs / "class" / "block" / name
+    if not node.exists():
+        return set()
+    resolved = node.resolve()
+    disk = resolved.parent.name if (resolved / "partition").is_file() else name
+    found = {disk}
+    sysdir = resolved.parent if disk != name else resolved
+    for slave in _listdir(sysdir / "slaves") + _listdir(resolved / "slaves"):
+        found |= whole_disks(slave, sysfs, seen)
+    backing = _attr(sysdir / "loop" / "backing_file")
+    if backing:
+        with contextlib.suppress(OSError):
+            devno = _devno(os.stat(backing.removesuffix(" (deleted)")).st_dev)
+            if devno and (under := _name_from_devno(devno, sysfs)):
+                found |= whole_disks(under, sysfs, seen)
+    return found
+
+
+def _source_disks(use: Mount, sysfs: Path) -> set[str]:
+    names: set[str] = set()
+    if use.devno and (name := _name_from_devno(use.devno, sysfs)):
+        names.add(name)
+    if name := _name_from_source(use.source, sysfs):
+        names.add(name)
+    disks: set[str] = set()
+    for name in names:
+        disks |= whole_disks(name, sysfs)
+    return disks
+
+
+def usage_by_disk(state: SystemState, sysfs: Path = REAL_SYSFS) -> dict[str, list[str]]:
+    """Disk name -> what uses it ("mounted on /mnt (/dev/sdb1)", "swap /dev/sdb2", ...)."""
+    uses: dict[str, list[str]] = {}
+    for mount in state.mounts:
+        for disk in _source_disks(mount, sysfs):
+            uses.setdefault(disk, []).append(f"{mount.source} mounted on {mount.where}")
+    for swap in state.swaps:
+        for disk in _source_disks(swap, sysfs):
+            uses.setdefault(disk, []).append(f"active swap on {swap.source}")
+    return uses
+
+
+def system_disks(state: SystemState, sysfs: Path = REAL_SYSFS) -> dict[str, str]:
+    """Disk name -> why it holds the running rescue system (its root, boot or live medium)."""
+    found: dict[str, str] = {}
+    for mount in state.mounts:
+        if mount.where in SYSTEM_MOUNTPOINTS:
+            for disk in _source_disks(mount, sysfs):
+                found.setdefault(
+                    disk, f"holds the running system ({mount.where} is on {mount.source})"
+                )
+    return found
+
+
+def _holders(sysdir: Path, partitions: Iterable[str]) -> tuple[str, ...]:
+    held = set(_listdir(sysdir / "holders"))
+    for part in partitions:
+        held |= set(_listdir(sysdir / part / "holders"))
+    return tuple(sorted(held))
+
+
+# --- discovery ----------------------------------------------------------------------------------
+
+
+def _serial_from_vpd(sysdir: Path) -> str | None:
+    try:
+        page = (sysdir / "device" / "vpd_pg80").read_bytes()
+    except OSError:
+        return None
+    if len(page) < 4:
+        return None
+    return page[4 : 4 + page[3]].decode("ascii", "replace").strip() or None
+
+
+def _by_path(name: str, dev: Path, props: Mapping[str, str]) -> str | None:
+    if props.get("ID_PATH"):
+        return str(dev / "disk" / "by-path" / props["ID_PATH"])
+    directory = dev / "disk" / "by-path"
+    for link in _listdir(directory):
+        if os.path.basename(os.path.realpath(directory / link)) == name:
+            return str(directory / link)
+    return None
+
+
+def never_reason(name: str, major: int, sysdir: Path) -> str | None:
+    """Why a device is never an install target by its kind, or None."""
+    for pattern, reason in _NEVER:
+        if pattern.match(name):
+            return reason
+    if major in _NEVER_MAJORS:
+        return _NEVER_MAJORS[major]
+    for sub, reason in (
+        ("loop", "loop device"),
+        ("md", "software RAID (md) device"),
+        ("dm", "device-mapper (LVM/dm) device"),
+    ):
+        if (sysdir / sub).is_dir():
+            return reason
+    return None
+
+
+def _read_disk(
+    name: str,
+    sysfs: Path,
+    dev: Path,
+    props: Mapping[str, str],
+    *,
+    system: Mapping[str, str],
+    uses: Mapping[str, list[str]],
+    explicit: bool = False,
+) -> Disk:
+    """Attributes of one disk (udev properties first, sysfs otherwise) and its verdict.
+
+    With ``explicit`` (the operator named the disk) the discovery rules about the kind of
+    device and the minimum size do not apply; the safety checks do.
+    """
+    sysdir = sysfs / "block" / name
+    devnum = (_attr(sysdir / "dev") or "0:0").split(":")
+    major, minor = int(devnum[0]), int(devnum[1])
+    device = sysdir / "device"
+    size = _int_attr(sysdir / "size") * 512  # sysfs counts 512-byte units whatever the sector
+    partitions = _partitions(sysdir)
+    disk = Disk(
+        name=name,
+        path=props.get("DEVNAME") or str(dev / name.replace("!", "/")),
+        size=size,
+        logical_sector_size=_int_attr(sysdir / "queue" / "logical_block_size", 512),
+        physical_sector_size=_int_attr(sysdir / "queue" / "physical_block_size", 512),
+        model=props.get("ID_MODEL") or _attr(device / "model"),
+        vendor=props.get("ID_VENDOR") or _attr(device / "vendor"),
+        serial=props.get("ID_SERIAL_SHORT")
+        or _attr(sysdir / "serial")
+        or _attr(device / "serial")
+        or _serial_from_vpd(sysdir),
+        wwn=props.get("ID_WWN_WITH_EXTENSION")
+        or props.get("ID_WWN")
+        or _attr(sysdir / "wwid")
+        or _attr(device / "wwid"),
+        rotational=_attr(sysdir / "queue" / "rotational") == "1",
+        removable=_attr(sysdir / "removable") == "1",
+        read_only=_attr(sysdir / "ro") == "1",
+        by_path=_by_path(name, dev, props),
+        eligible=True,
+        reason="",
+        major=major,
+        minor=minor,
+        partitions=partitions,
+        holders=_holders(sysdir, partitions),
+    )
+    reason = _verdict(disk, sysdir, system=system, uses=uses, explicit=explicit)
+    return dataclasses.replace(
+        disk,
+        eligible=reason is None,
+        reason=reason or ("named explicitly" if explicit else "eligible"),
+    )
+
+
+def _verdict(
+    disk: Disk,
+    sysdir: Path,
+    *,
+    system: Mapping[str, str],
+    uses: Mapping[str, list[str]],
+    explicit: bool,
+) -> str | None:
+    """The first reason this disk must not be written, or None."""
+    if not explicit and (kind := never_reason(disk.name, disk.major, sysdir)):
+        return kind
+    if disk.read_only:
+        return "read-only"
+    if disk.size == 0:
+        return "zero size (no medium?)"
+    if disk.name in system:
+        return system[disk.name]
+    if explicit:
+        return None  # busy disks are refused by check_not_busy, with its own message
+    if disk.holders:
+        return f"in use: held by {', '.join(disk.holders)} (LVM, RAID or dm)"
+    if disk.name in uses:
+        return "in use: " + "; ".join(uses[disk.name])
+    if disk.size < MIN_AUTO_SIZE:
+        return f"smaller than {MIN_AUTO_SIZE // GiB} GiB (use --disk to force it)"
+    return None
+
+
+def _enumerate(sysfs: Path) -> Iterator[tuple[str, Mapping[str, str]]]:
+    """(kernel name, udev properties) of every whole disk."""
+    if sysfs == REAL_SYSFS:
+        try:
+            import pyudev
+
+            context = pyudev.Context()
+            devices = [
+                (d.sys_name, dict(d.properties))
+                for d in context.list_devices(subsystem="block", DEVTYPE="disk")
+            ]
+        except Exception as exc:  # no libudev in this ramdisk: sysfs says the same
+            log.info("pyudev unavailable (%s); listing %s/block", exc, sysfs)
+        else:
+            yield from sorted(devices, key=lambda item: natural_key(item[0]))
+            return
+    for name in sorted(_listdir(sysfs / "block"), key=natural_key):
+        yield name, {}
+
+
+def discover(
+    sysfs: Path = REAL_SYSFS, dev: Path = REAL_DEV, *, state: SystemState | None = None
+) -> list[Disk]:
+    """Every whole disk, each with its eligibility and the reason, in natural name order.
+
+    ``state`` (mounts, swaps) defaults to the running system's when ``sysfs`` is the real one
+    and to "nothing mounted" for a fabricated tree.
+    """
+    if state is None:
+        state = read_system_state() if sysfs == REAL_SYSFS else SystemState()
+    system = system_disks(state, sysfs)
+    uses = usage_by_disk(state, sysfs)
+    return [
+        _read_disk(name, sysfs, dev, props, system=system, uses=uses)
+        for name, props in _enumerate(sysfs)
+    ]
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """The order a person expects: sda < sdb < sdaa, nvme2n1 < nvme10n1."""
+    parts = tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name) if p)
+    return (len(re.sub(r"\d+", "", name)), parts)
+
+
+def choice_key(disk: Disk) -> tuple[Any, ...]:
+    """Sort key of the default choice (see the module docstring for why)."""
+    return (disk.removable, disk.rotational, disk.size, natural_key(disk.name))
+
+
+# --- hints --------------------------------------------------------------------------------------
+
+_SIZE_HINT = re.compile(r"^\s*(>=|<=|==|>|<)?\s*(\d+)\s*$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_hints(pairs: Iterable[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` -> dict, with keys and values checked.
+
+    Keys: name, serial, wwn, model, vendor, size (GiB, optionally with >=, <=, >, <, ==),
+    rotational (true/false), by_path. A key given twice is refused: which one would win is
+    not obvious to the operator.
+    """
+    hints: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key, value = key.strip().lower().replace("-", "_"), value.strip()
+        if not sep or not key:
+            raise InstallError(msg.bad_hint(pair, "expected KEY=VALUE"))
+        if key not in HINT_KEYS:
+            raise InstallError(msg.bad_hint(pair, f"unknown key; known: {', '.join(HINT_KEYS)}"))
+        if not value:
+            raise InstallError(msg.bad_hint(pair, "empty value"))
+        if key in hints:
+            raise InstallError(msg.bad_hint(pair, f"{key} given twice"))
+        if key == "size" and not _SIZE_HINT.match(value):
+            raise InstallError(msg.bad_hint(pair, "size is a whole number of GiB, e.g. 480"))
+        if key == "rotational" and value.lower() not in _TRUE | _FALSE:
+            raise InstallError(msg.bad_hint(pair, "rotational is true or false"))
+        hints[key] = value
+    return hints
+
+
+def _norm(value: str | None) -> str:
+    return " ".join((value or "").split()).lower()
+
+
+def _norm_wwn(value: str | None) -> str:
+    value = _norm(value)
+    for prefix in ("0x", "naa.", "eui.", "wwn-"):
+        value = value.removeprefix(prefix)
+    return value
+
+
+def hint_matches(disk: Disk, key: str, value: str) -> bool:
+    """Whether one hint matches one disk (text compared case- and spacing-insensitively)."""
+    if key == "name":
+        return value in (disk.name, disk.path) or os.path.basename(value) == disk.name
+    if key == "size":
+        m = _SIZE_HINT.match(value)
+        if not m:
+            return False
+        op, want, have = m.group(1) or "==", int(m.group(2)), disk.size // GiB
+        return {
+            "==": have == want,
+            ">=": have >= want,
+            "<=": have <= want,
+            ">": have > want,
+            "<": have < want,
+        }[op]
+    if key == "rotational":
+        return disk.rotational == (value.lower() in _TRUE)
+    if key == "wwn":
+        return bool(disk.wwn) and _norm_wwn(value) == _norm_wwn(disk.wwn)
+    if key == "by_path":
+        return bool(disk.by_path) and value in (disk.by_path, os.path.basename(disk.by_path or ""))
+    have = {"serial": disk.serial, "model": disk.model, "vendor": disk.vendor}[key]
+    return bool(have) and _norm(value) == _norm(have)
+
+
+def format_hints(hints: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(hints.items()))
+
+
+# --- the choice ---------------------------------------------------------------------------------
+
+
+def choose(disks: list[Disk], hints: Mapping[str, str] | None = None) -> tuple[Disk, str]:
+    """The target among discovered disks and why (pure: no I/O).
+
+    With hints, the disk must match all of them and be eligible; several matches are ordered
+    like the default choice. Raises InstallError when nothing fits.
+    """
+    eligible = [d for d in disks if d.eligible]
+    if hints:
+        matching = [d for d in disks if all(hint_matches(d, k, v) for k, v in hints.items())]
+        usable = sorted((d for d in matching if d.eligible), key=choice_key)
+        if usable:
+            extra = f" (first of {len(usable)} by the default order)" if len(usable) > 1 else ""
+            return usable[0], f"matches the root device hints {format_hints(hints)}{extra}"
+        if matching:
+            first = matching[0]
+            raise InstallError(msg.disk_not_eligible(first.path, first.reason))
+        raise InstallError(msg.no_disk_matches_hints(format_hints(hints)))
+    if not eligible:
+        raise InstallError(msg.NO_ELIGIBLE_DISK)
+    best = sorted(eligible, key=choice_key)[0]
+    traits = [
+        "removable" if best.removable else "non-removable",
+        "rotational" if best.rotational else "non-rotational",
+    ]
+    return best, (
+        f"default choice: the smallest {' '.join(traits)} eligible disk "
+        f"({best.size // GiB} GiB) of {len(eligible)} eligible"
+    )
+
+
+def explicit_disk(
+    device: str,
+    sysfs: Path = REAL_SYSFS,
+    dev: Path = REAL_DEV,
+    *,
+    state: SystemState | None = None,
+) -> Disk:
+    """The disk the operator named, read like a discovered one, safety checks applied."""
+    path = device if device.startswith("/") else str(dev / device)
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError as exc:
+        raise InstallError(msg.disk_not_eligible(device, "no such device"), str(exc)) from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise InstallError(msg.disk_not_eligible(device, "not a block device"))
+    devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    name = _name_from_devno(devno, sysfs)
+    if name is None or not (sysfs / "class" / "block" / name).exists():
+        raise InstallError(msg.disk_not_eligible(device, "not known to the kernel (sysfs)"))
+    if ((sysfs / "class" / "block" / name).resolve() / "partition").is_file():
+        parent = (sysfs / "class" / "block" / name).resolve().parent.name
+        raise InstallError(
+            msg.disk_not_eligible(device, f"is a partition; name the whole disk ({parent})")
+        )
+    if state is None:
+        state = read_system_state() if sysfs == REAL_SYSFS else SystemState()
+    disk = _read_disk(
+        name,
+        sysfs,
+        dev,
+        {"DEVNAME": real},
+        system=system_disks(state, sysfs),
+        uses={},
+        explicit=True,
+    )
+    if not disk.eligible:
+        raise InstallError(msg.disk_not_eligible(disk.path, disk.reason))
+    return disk
+
+
+def select_target(
+    explicit: str | None,
+    hints: Mapping[str, str],
+    *,
+    sysfs: Path = REAL_SYSFS,
+    dev: Path = REAL_DEV,
+    state: SystemState | None = None,
+) -> Disk:
+    """The disk to install on: ``explicit`` (``--disk``) if given, else discovery + hints.
+
+    An explicit disk skips the discovery rules (a loop device is fine) but not the safety
+    checks: read-only, zero size, the running system, busy.
+    """
+    if explicit:
+        if hints:
+            log.info("--disk %s given: root device hints %s ignored", explicit, dict(hints))
+        disk = explicit_disk(explicit, sysfs, dev, state=state)
+        check_not_busy(disk, sysfs=sysfs, state=state)
+        return disk
+    disk, why = choose(discover(sysfs, dev, state=state), hints)
+    log.info("target disk %s: %s", disk.path, why)
+    return dataclasses.replace(disk, reason=why)
+
+
+def disks_report(
+    hints: Mapping[str, str] | None = None,
+    *,
+    sysfs: Path = REAL_SYSFS,
+    dev: Path = REAL_DEV,
+    state: SystemState | None = None,
+) -> dict[str, Any]:
+    """SPEC's ``disks --json`` / ``GET /disks`` document: every disk, the choice and why."""
+    disks = discover(sysfs, dev, state=state)
+    chosen: str | None
+    try:
+        disk, reason = choose(disks, hints)
+        chosen = disk.path
+    except InstallError as exc:
+        chosen, reason = None, exc.message
+    report: dict[str, Any] = {
+        "disks": [d.to_json() for d in disks],
+        "chosen": chosen,
+        "reason": reason,
+    }
+    if hints:
+        report["hints"] = dict(hints)
+    return report
+
+
+# --- busy ---------------------------------------------------------------------------------------
+
+
+def _openers(paths: set[str]) -> list[str]:
+    """Processes holding one of ``paths`` open, as "pid N (name)" (best effort, for a message)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        if proc.info["pid"] == os.getpid():
+            continue
+        fd_dir = Path(f"/proc/{proc.info['pid']}/fd")
+        try:
+            targets = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+        except OSError:
+            continue
+        if targets & paths:
+            found.append(f"pid {proc.info['pid']} ({proc.info['name']})")
+    return found
+
+
+def exclusive_holder(path: str) -> str | None:
+    """Why ``path`` cannot be opened exclusively (EBUSY: a mount, md, dm or a process), or None.
+
+    The kernel's exclusive claim covers the partitions too: a claimed partition makes the
+    whole disk unclaimable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            return None  # not ours to judge here (ENOENT, EACCES): the write will say
+        who = _openers({os.path.realpath(path)})
+        return "opened exclusively" + (f" by {', '.join(who)}" if who else " by another user")
+    os.close(fd)
+    return None
+
+
+def busy_reasons(
+    disk: Disk, *, sysfs: Path = REAL_SYSFS, state: SystemState | None = None
+) -> list[str]:
+    """Everything that uses ``disk`` now: mounts, swaps, holders, an exclusive opener."""
+    if state is None:
+        state = read_system_state() if sysfs == REAL_SYSFS else SystemState()
+    sysdir = sysfs / "block" / disk.name
+    reasons = list(usage_by_disk(state, sysfs).get(disk.name, []))
+    partitions = _partitions(sysdir)
+    holders = _holders(sysdir, partitions)
+    if holders:
+        reasons.append(f"held by {', '.join(holders)} (LVM, RAID or dm)")
+    if sysfs == REAL_SYSFS and (why := exclusive_holder(disk.path)):
+        reasons.append(why)
+    return reasons
+
+
+def check_not_busy(
+    disk: Disk, *, sysfs: Path = REAL_SYSFS, state: SystemState | None = None
+) -> None:
+    """Refuse a disk that anything uses, before the first byte is written.
+
+    Checked fresh each call (the state may have changed since discovery): mounted filesystems
+    on the disk or its partitions, active swap, holders (LVM, md, dm) of the disk or its
+    partitions, and an exclusive open by another process (``O_EXCL`` gives EBUSY).
+    """
+    reasons = busy_reasons(disk, sysfs=sysfs, state=state)
+    if reasons:
+        raise InstallError(msg.disk_busy(disk.path, "; ".join(reasons)))

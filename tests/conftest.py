@@ -1,0 +1,70 @@
+"""Shared fixtures: real loop devices and a real HTTP server on 127.0.0.1.
+
+Every loop device a test attaches is detached at teardown, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root for loop devices")
+
+
+def _run(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.fixture
+def make_loop(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Factory: ``make_loop(size_bytes, sector_size=512, name="disk.img") -> "/dev/loopN"``."""
+    attached: list[str] = []
+
+    def make(size: int, sector_size: int = 512, name: str = "disk.img") -> str:
+        backing = tmp_path / name
+        with open(backing, "wb") as f:
+            f.truncate(size)
+        args = ["losetup", "-f", "--show"]
+        if sector_size != 512:
+            args += ["--sector-size", str(sector_size)]
+        dev = _run(*args, str(backing)).strip()
+        attached.append(dev)
+        return dev
+
+    yield make
+    for dev in attached:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A directory served over real HTTP on 127.0.0.1: ``(directory, base_url)``."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
