@@ -164,7 +164,9 @@ def build_iso(tree: dict[str, bytes], out: Path) -> Path:
             )
         iso.write(str(out))
     except (pycdlib.pycdlibexception.PyCdlibException, OSError) as exc:
-        raise InstallError(messages.CONFIGDRIVE_FAILED, f"building the ISO 9660 drive: {exc}") from exc
+        raise InstallError(
+            messages.CONFIGDRIVE_FAILED, f"building the ISO 9660 drive: {exc}"
+        ) from exc
     finally:
         iso.close()
     return out
@@ -192,8 +194,18 @@ def build_fat(tree: dict[str, bytes], out: Path, *, sector_size: int = 4096) -> 
     out.unlink(missing_ok=True)
     try:
         run(
-            ["mkfs.fat", "-C", "-n", FAT_LABEL, "-S", str(sector_size), "-s", "1", str(out),
-             str(size // 1024)],
+            [
+                "mkfs.fat",
+                "-C",
+                "-n",
+                FAT_LABEL,
+                "-S",
+                str(sector_size),
+                "-s",
+                "1",
+                str(out),
+                str(size // 1024),
+            ],
             timeout=60,
         )
         with tempfile.TemporaryDirectory(prefix="configdrive-") as tmp:
@@ -203,11 +215,15 @@ def build_fat(tree: dict[str, bytes], out: Path, *, sector_size: int = 4096) -> 
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
             top = sorted({rel.split("/", 1)[0] for rel in tree})
-            run(["mcopy", "-s", "-Q", "-i", str(out), *(str(root / t) for t in top), "::/"],
-                timeout=60)
+            run(
+                ["mcopy", "-s", "-Q", "-i", str(out), *(str(root / t) for t in top), "::/"],
+                timeout=60,
+            )
     except ToolError as exc:
         out.unlink(missing_ok=True)
-        raise InstallError(messages.CONFIGDRIVE_FAILED, f"building the FAT drive: {exc.detail}") from exc
+        raise InstallError(
+            messages.CONFIGDRIVE_FAILED, f"building the FAT drive: {exc.detail}"
+        ) from exc
     return out
 
 
@@ -227,6 +243,10 @@ def build_drive(request: InstallRequest, out: Path, *, sector_size: int = 512) -
     if size > MAX_DRIVE:
         out.unlink(missing_ok=True)
         raise InstallError(messages.CONFIGDRIVE_FAILED, f"drive is {size} bytes, over 64 MiB")
-    log.info("config drive built: %s (%d bytes, %s)", out, size,
-             "ISO 9660" if sector_size == 512 else f"FAT, {sector_size}-byte sectors")
+    log.info(
+        "config drive built: %s (%d bytes, %s)",
+        out,
+        size,
+        "ISO 9660" if sector_size == 512 else f"FAT, {sector_size}-byte sectors",
+    )
     return out

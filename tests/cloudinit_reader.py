@@ -75,7 +75,9 @@ def import_cloudinit(packages: Path) -> SimpleNamespace:
     )
 
 
-def extract_iso(source: Path | str, dest: Path, *, offset: int = 0, size: int | None = None) -> Path:
+def extract_iso(
+    source: Path | str, dest: Path, *, offset: int = 0, size: int | None = None
+) -> Path:
     """Copy every file of an ISO 9660 image (at ``offset`` in ``source``) to ``dest`` by its
     Rock Ridge name; also check that Joliet (Windows' view) has the same files."""
     with open(source, "rb") as f:

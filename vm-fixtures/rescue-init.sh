@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/busybox sh
 # Init of the rescue VM. The guest has no OS of its own: it mounts the host's root filesystem
 # read-only over virtio-9p ("hostroot") and chroots into it, with the guest's own /dev, /proc,
 # /sys and a tmpfs /tmp and /run, so the agent runs from the host's working tree exactly as it is,

@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/busybox sh
 # Init of the tiny sample OS baked into the sample cloud images. It does what cloud-init's
 # ConfigDrive datasource does, in a few lines of busybox sh, and reports on the serial console
 # with BYOI-* markers that tests/vm reads back: which firmware booted it, the config drive it

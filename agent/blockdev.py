@@ -1,0 +1,300 @@
+"""Low-level block device work: sizes, sector sizes, wiping stale metadata, re-reading tables.
+
+Thin I/O around ioctls and util-linux; the decisions (which byte ranges to zero, what sector
+size an image was made for) are pure functions so they can be tested without a device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import stat
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from agent import messages as msg
+from agent.messages import InstallError
+from agent.tools import ToolError, run
+
+if TYPE_CHECKING:
+    from agent.disks import Disk
+
+log = logging.getLogger(__name__)
+
+BLKRRPART = 0x125F
+BLKSSZGET = 0x1268
+BLKPBSZGET = 0x127B
+BLKGETSIZE64 = 0x80081272
+
+MiB = 1024**2
+WIPE_SPAN = MiB  # zeroed at the head and tail of the disk and of every old partition
+GPT_SIGNATURE = b"EFI PART"
+Region = tuple[int, int]  # (offset, length) in bytes
+
+
+# --- sizes --------------------------------------------------------------------------------------
+
+
+def _ioctl_int(path: str | os.PathLike[str], request: int, fmt: str) -> int | None:
+    """An integer ioctl on a block device, or None for a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return None
+        buf = fcntl.ioctl(fd, request, bytes(struct.calcsize(fmt)))
+        return int(struct.unpack(fmt, buf)[0])
+    finally:
+        os.close(fd)
+
+
+def size_bytes(path: str | os.PathLike[str]) -> int:
+    """Real size in bytes: BLKGETSIZE64 for a block device, the end offset for a file."""
+    size = _ioctl_int(path, BLKGETSIZE64, "Q")
+    if size is not None:
+        return size
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def logical_sector_size(path: str | os.PathLike[str]) -> int:
+    """Logical sector size (BLKSSZGET): what LBAs count in. 512 for a regular file."""
+    return _ioctl_int(path, BLKSSZGET, "i") or 512
+
+
+def physical_sector_size(path: str | os.PathLike[str]) -> int:
+    """Physical sector size (BLKPBSZGET). 512 for a regular file."""
+    return _ioctl_int(path, BLKPBSZGET, "I") or 512
+
+
+# --- sector size of an image --------------------------------------------------------------------
+
+
+def image_sector_size(first_bytes: bytes) -> int | None:
+    """The logical sector size a raw image's GPT was made for, or None (no GPT / MBR only).
+
+    The GPT header sits at LBA 1: byte 512 on a 512-byte-sector disk, byte 4096 on a 4Kn one.
+    Give at least the first 4104 bytes for the 4096 case to be seen.
+    """
+    for sector in (512, 4096):
+        if first_bytes[sector : sector + 8] == GPT_SIGNATURE:
+            return sector
+    return None
+
+
+def check_image_sector_size(first_bytes: bytes, device: str, disk_sector: int) -> None:
+    """Refuse a GPT image made for another logical sector size than the disk's."""
+    image_sector = image_sector_size(first_bytes)
+    if image_sector is not None and image_sector != disk_sector:
+        raise InstallError(msg.sector_size_mismatch(image_sector, device, disk_sector))
+
+
+# --- what to wipe -------------------------------------------------------------------------------
+
+
+def alternate_gpt_regions(head: bytes, disk_size: int) -> list[Region]:
+    """Where the backup GPT that a primary GPT points to lives, if not at the disk's end.
+
+    An image written earlier without moving its backup GPT leaves it at the old image's end,
+    in the middle of the disk; it is found through the primary header's AlternateLBA. The
+    region ends with that header and covers its partition entries before it.
+    """
+    regions = []
+    for sector in (512, 4096):
+        header = head[sector : sector + 92]
+        if len(header) < 92 or header[:8] != GPT_SIGNATURE:
+            continue
+        alternate_lba = struct.unpack_from("<Q", header, 32)[0]
+        entries, entry_size = struct.unpack_from("<II", header, 80)
+        end = (alternate_lba + 1) * sector
+        if 0 < end <= disk_size:
+            length = min(end, max(WIPE_SPAN, sector + entries * entry_size))
+            regions.append((end - length, length))
+    return regions
+
+
+def wipe_regions(
+    disk_size: int,
+    sector: int,
+    old_partitions: Sequence[Region] = (),
+    extra: Sequence[Region] = (),
+) -> list[Region]:
+    """Byte ranges to zero so that no old metadata survives, merged and sorted.
+
+    The first and last ``WIPE_SPAN`` (at least 34 sectors: MBR, primary GPT at LBA 1-33 on
+    512-byte disks, LBA 1-5 on 4Kn; the backup GPT header at the last LBA with its entries
+    before it), and the head and tail of every old partition (filesystem, LVM and RAID
+    superblocks live there: md 1.1/1.2 and LVM near the start, md 0.90/1.0 and ZFS labels at
+    the end).
+    """
+    span = max(WIPE_SPAN, 34 * sector)
+    wanted: list[Region] = [(0, span), (disk_size - span, span)]
+    for start, length in old_partitions:
+        edge = min(span, length)
+        wanted += [(start, edge), (start + length - edge, edge)]
+    wanted += list(extra)
+    clipped = []
+    for start, length in wanted:
+        begin, end = max(0, start), min(disk_size, start + length)
+        begin -= begin % sector
+        end += -end % sector
+        end = min(end, disk_size)
+        if end > begin:
+            clipped.append((begin, end))
+    merged: list[list[int]] = []
+    for begin, end in sorted(clipped):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(begin, end - begin) for begin, end in merged]
+
+
+def old_partitions(path: str) -> list[Region]:
+    """(offset, length) of every partition in the disk's current table (sfdisk), or []."""
+    try:
+        proc = run(["sfdisk", "--json", path], timeout=60)
+        table = json.loads(proc.stdout)["partitiontable"]
+    except (ToolError, ValueError, KeyError) as exc:
+        log.debug("no readable partition table on %s: %s", path, exc)
+        return []
+    sector = int(table.get("sectorsize", 512))
+    return [
+        (int(p["start"]) * sector, int(p["size"]) * sector)
+        for p in table.get("partitions", [])
+        if int(p.get("size", 0)) > 0
+    ]
+
+
+def partition_nodes(name: str, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")) -> list[str]:
+    """Device nodes of the partitions the kernel currently knows on disk ``name``."""
+    sysdir = sysfs / "block" / name
+    try:
+        names = sorted(p.name for p in sysdir.iterdir() if (p / "partition").is_file())
+    except OSError:
+        return []
+    return [str(dev / n) for n in names if (dev / n).exists()]
+
+
+# --- wiping -------------------------------------------------------------------------------------
+
+
+def _zero(path: str, regions: list[Region]) -> None:
+    zeros = bytes(WIPE_SPAN)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for offset, length in regions:
+            done = 0
+            while done < length:
+                chunk = min(len(zeros), length - done)
+                written = os.pwrite(fd, zeros[:chunk], offset + done)
+                if written <= 0:
+                    raise OSError(errno.EIO, f"short write at {offset + done}")
+                done += written
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def wipe_stale_metadata(disk: Disk) -> None:
+    """Remove every old partition table and signature before an image is written.
+
+    An image rarely covers the whole disk, so whatever it does not overwrite survives: a backup
+    GPT at the disk's end next to a new MBR confuses firmware and tools, an old md or LVM
+    superblock gets assembled at boot. In order: ``wipefs --all`` on the partition nodes the
+    kernel has (if any), the head and tail of every partition in the current table zeroed by
+    offset (this kernel may have no nodes for them), ``wipefs --all`` on the whole disk, then the
+    first and last MiB zeroed at the real end of the device, and a mid-disk backup GPT found
+    through the primary header. The kernel is then told to forget the old partitions.
+    """
+    path = disk.path
+    size = size_bytes(path)
+    sector = logical_sector_size(path)
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    regions = wipe_regions(size, sector, old_partitions(path), alternate_gpt_regions(head, size))
+    for node in partition_nodes(disk.name):
+        run(["wipefs", "--all", "--force", node], timeout=120)
+    run(["wipefs", "--all", "--force", path], timeout=120)
+    _zero(path, regions)
+    log.info(
+        "wiped stale metadata on %s: %d regions, %d bytes zeroed",
+        path,
+        len(regions),
+        sum(length for _, length in regions),
+    )
+    reread_partition_table(path)
+
+
+# --- re-reading the partition table -------------------------------------------------------------
+
+
+def _is_ebusy(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.EBUSY
+
+
+def _blkrrpart(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BLKRRPART)
+    finally:
+        os.close(fd)
+
+
+def reread_partition_table(path: str, *, attempts: int = 8, wait_max: float = 2.0) -> None:
+    """Make the kernel see the disk's current partition table.
+
+    BLKRRPART, retried while the device is briefly busy (EBUSY: a udev probe, a closing
+    opener). A device that cannot re-read by itself (EINVAL: e.g. a loop device without
+    partition scanning), or one still busy after the retries, gets ``partx --update``, which
+    parses the table in user space and adds/removes partitions one by one. Then
+    ``udevadm settle`` where udev runs. Failures are logged, not raised: the kernel's view is a
+    convenience, every later step works on the whole disk by offset.
+    """
+    if not stat.S_ISBLK(os.stat(path).st_mode):
+        return
+    try:
+        for attempt in Retrying(
+            retry=retry_if_exception(_is_ebusy),
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.1, max=wait_max),
+            reraise=True,
+        ):
+            with attempt:
+                _blkrrpart(path)
+    except OSError as exc:
+        log.info("BLKRRPART on %s: %s; trying partx --update", path, exc)
+        _partx_update(path)
+    if shutil.which("udevadm"):
+        try:
+            run(["udevadm", "settle", "--timeout=30"], timeout=40)
+        except ToolError as exc:
+            log.info("udevadm settle: %s", exc.detail)
+
+
+def _partx_update(path: str) -> None:
+    if not shutil.which("partx"):
+        return
+    try:
+        run(["partx", "--update", path], timeout=60)
+    except ToolError as exc:
+        # No table at all: drop whatever partitions the kernel still has.
+        with contextlib.suppress(ToolError):
+            run(["partx", "--delete", path], timeout=60)
+        log.info("partx --update %s: %s", path, exc.detail)

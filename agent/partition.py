@@ -1,0 +1,380 @@
+"""The partition table after the image is written: GPT backup relocation and the config drive.
+
+An image is usually smaller than the disk, so its backup GPT ends up in the middle of the disk
+(or is missing when the image was cut short); ``sgdisk -e`` rebuilds it at the disk's end, and
+the usable area then reaches the end, where the config-drive partition goes.
+
+This host's kernel (and many rescue kernels) creates no partition nodes, so the drive is written
+into the whole-disk device at the partition's byte offset. Decisions (where the partition goes,
+whether one can be reused) are pure functions over a parsed table; the rest is thin tool I/O.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from agent import messages
+from agent.messages import InstallError
+from agent.tools import ToolError, run
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+MAX_DRIVE = 64 * MIB
+CONFIG_LABELS = ("config-2", "CONFIG-2")
+CONFIG_FSTYPES = ("iso9660", "vfat")
+GPT_NAME = "config-2"
+# Basic data on both tables: every OS treats it as a plain data volume. Windows only gives a
+# volume (what cloudbase-init's FAT reader opens) to basic-data / FAT-typed partitions, while
+# Linux (blkid by label) and FreeBSD (glabel) ignore the type. 8300 would hide it from Windows.
+GPT_TYPE = "0700"
+MBR_TYPE = "c"  # W95 FAT32 (LBA), the MBR counterpart of basic data
+MBR_LIMIT_SECTORS = 2**32  # MBR start and size are 32-bit sector counts
+EXTENDED_TYPES = {"5", "f", "85"}
+BLKRRPART = 0x125F
+GPT_SIGNATURE = b"EFI PART"
+
+
+class DiskLike(Protocol):
+    path: str
+    size: int
+    logical_sector_size: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    start: int  # sectors
+    size: int  # sectors
+    type: str
+    name: str = ""
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size - 1
+
+
+@dataclass(frozen=True)
+class Table:
+    label: Literal["gpt", "dos"]
+    sector_size: int
+    partitions: tuple[Partition, ...]
+    first_lba: int | None = None  # GPT only
+    last_lba: int | None = None  # GPT only
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def table_type(path: str | Path) -> Literal["gpt", "dos"] | None:
+    """The partition table libblkid finds at the start of ``path`` (a disk or an image file).
+
+    A protective MBR whose GPT is unreadable counts as GPT, so that the GPT repair runs and
+    fails loudly instead of the disk being treated as an MBR one.
+    """
+    proc = run(["blkid", "-p", "-s", "PTTYPE", "-o", "value", str(path)], check=False, timeout=60)
+    value = proc.stdout.strip().lower()
+    if proc.returncode == 0 and value in ("gpt", "pmbr"):
+        return "gpt"
+    if proc.returncode == 0 and value == "dos":
+        return "dos"
+    return None
+
+
+def parse_sfdisk_json(text: str, disk_path: str) -> Table:
+    """``sfdisk --json`` output -> ``Table`` (partition numbers from the node names)."""
+    pt = json.loads(text)["partitiontable"]
+    parts = []
+    for p in pt.get("partitions", []):
+        suffix = p["node"][len(disk_path) :] if p["node"].startswith(disk_path) else p["node"]
+        digits = suffix.lstrip("p")
+        if not digits.isdigit():
+            digits = "".join(c for c in reversed(p["node"]) if c.isdigit())[::-1] or "0"
+        parts.append(
+            Partition(
+                number=int(digits),
+                start=int(p["start"]),
+                size=int(p["size"]),
+                type=str(p.get("type", "")).lower(),
+                name=str(p.get("name", "")),
+            )
+        )
+    return Table(
+        label="gpt" if pt["label"] == "gpt" else "dos",
+        sector_size=int(pt.get("sectorsize", 512)),
+        partitions=tuple(sorted(parts, key=lambda q: q.number)),
+        first_lba=pt.get("firstlba"),
+        last_lba=pt.get("lastlba"),
+    )
+
+
+def read_table(path: str) -> Table:
+    """The disk's partition table, as sfdisk sees it (GPT or MBR)."""
+    proc = run(["sfdisk", "--json", path], timeout=60)
+    return parse_sfdisk_json(proc.stdout, path)
+
+
+def probe_label(path: str, offset: int, size: int) -> tuple[str, str]:
+    """(LABEL, TYPE) of the filesystem at byte ``offset`` of ``path``, as cloud-init's blkid
+    lookup would see it on the partition device; ("", "") when none."""
+    proc = run(
+        ["blkid", "-p", "-O", str(offset), "-S", str(size), "-o", "export", path],
+        check=False,
+        timeout=60,
+    )
+    values = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    return values.get("LABEL", ""), values.get("TYPE", "")
+
+
+# --- decisions (pure) ---------------------------------------------------------------------------
+
+
+def plan_new_partition(table: Table, disk_sectors: int, drive_bytes: int) -> tuple[int, int]:
+    """(start, size) in sectors of a new partition for a ``drive_bytes`` drive, ending at the
+    end of the usable disk, 1 MiB aligned; ValueError with the reason when it cannot go there.
+
+    MBR: the partition must end below the 32-bit sector limit (2 TiB on 512-byte sectors), and a
+    fifth primary does not exist. A logical partition would need the extended partition to reach
+    the disk's end and boot loaders that do not care; refusing is the predictable choice.
+    """
+    ss = table.sector_size
+    align = max(MIB // ss, 1)
+    size_mib = max(-(-drive_bytes // MIB), 1)
+    if size_mib * MIB > MAX_DRIVE:
+        raise ValueError(f"the drive is {drive_bytes} bytes; a config drive is at most 64 MiB")
+    size = size_mib * align
+    if table.label == "gpt":
+        if table.last_lba is None:
+            raise ValueError("the GPT has no last usable LBA")
+        last = table.last_lba
+    else:
+        primaries = {p.number for p in table.partitions if p.number <= 4}
+        if len(primaries) >= 4:
+            raise ValueError(
+                "all four primary MBR partitions are in use; no room for a config-drive "
+                "partition (use a GPT image or leave a primary slot free)"
+            )
+        last = min(disk_sectors, MBR_LIMIT_SECTORS) - 1
+    start = (last + 1 - size) // align * align
+    used_end = max((p.end for p in table.partitions), default=0)
+    floor = max(used_end + 1, table.first_lba or align)
+    if start < floor:
+        raise ValueError(
+            f"no free {size_mib} MiB at the end of the disk: partitions reach sector {used_end} "
+            f"and the usable area ends at sector {last}"
+        )
+    return start, size
+
+
+def find_existing(table: Table, labels: dict[int, tuple[str, str]]) -> Partition | None:
+    """The partition to reuse: GPT name ``config-2`` or a config-2 labelled ISO/FAT filesystem
+    (``labels``: partition number -> (LABEL, TYPE) probed at its offset)."""
+    for part in table.partitions:
+        if part.type in EXTENDED_TYPES:
+            continue
+        label, fstype = labels.get(part.number, ("", ""))
+        if part.name == GPT_NAME or (label in CONFIG_LABELS and fstype in CONFIG_FSTYPES):
+            return part
+    return None
+
+
+# --- device I/O ---------------------------------------------------------------------------------
+
+
+def reread_partition_table(path: str) -> None:
+    """Ask the kernel to re-read the table; a refusal (busy, or a loop device without partscan)
+    only delays it until the next boot, so it is logged, not fatal."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.warning("cannot open %s to re-read its partition table: %s", path, exc)
+        return
+    try:
+        fcntl.ioctl(fd, BLKRRPART)
+    except OSError as exc:
+        log.info("kernel did not re-read the partition table of %s: %s", path, exc)
+    finally:
+        os.close(fd)
+
+
+def _read_at(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def _write_drive(path: str, offset: int, drive: Path, length: int) -> None:
+    """Write the drive at ``offset`` and zero the rest of the ``length``-byte partition (old
+    signatures there would make blkid report an ambiguous filesystem), then fsync."""
+    chunk = 4 * MIB
+    zeros = bytes(chunk)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        done = 0
+        with open(drive, "rb") as src:
+            while data := src.read(chunk):
+                os.pwrite(fd, data, offset + done)
+                done += len(data)
+        # A huge reused partition: clear the area a filesystem probe looks at (head and tail).
+        regions = (
+            [(done, length)]
+            if length <= 4 * MAX_DRIVE
+            else [
+                (done, MAX_DRIVE),
+                (length - MIB, length),
+            ]
+        )
+        for begin, end in regions:
+            pos = begin
+            while pos < end:
+                n = min(chunk, end - pos)
+                os.pwrite(fd, zeros[:n], offset + pos)
+                pos += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _drive_is_iso(drive: Path) -> bool:
+    with open(drive, "rb") as f:
+        f.seek(32768 + 1)
+        return f.read(5) == b"CD001"
+
+
+# --- public steps -------------------------------------------------------------------------------
+
+
+def relocate_backup_gpt(disk: DiskLike) -> None:
+    """Move the backup GPT header and table to the last sectors of the disk (no-op on MBR).
+
+    Works when the backup sits at the image's end in the middle of the disk and when it is
+    missing entirely (sgdisk rebuilds it from the primary). Checked twice: ``sgdisk -v`` must
+    report no problem, and the last LBA must hold a GPT header.
+    """
+    if table_type(disk.path) != "gpt":
+        return
+    try:
+        run(["sgdisk", "-e", disk.path], timeout=120)
+        verify = run(["sgdisk", "-v", disk.path], timeout=120)
+    except ToolError as exc:
+        raise InstallError(messages.GPT_MOVE_FAILED, exc.detail) from exc
+    if "No problems found" not in verify.stdout:
+        raise InstallError(
+            messages.GPT_MOVE_FAILED,
+            f"sgdisk -v: {verify.stdout.strip()} {verify.stderr.strip()}"[-2000:],
+        )
+    ss = disk.logical_sector_size
+    last = disk.size // ss - 1
+    header = _read_at(disk.path, last * ss, 8)
+    if header != GPT_SIGNATURE:
+        raise InstallError(
+            messages.GPT_MOVE_FAILED, f"no GPT header at the last LBA {last} after sgdisk -e"
+        )
+    reread_partition_table(disk.path)
+    log.info("backup GPT moved to LBA %d of %s", last, disk.path)
+
+
+def add_config_drive(disk: DiskLike, drive: Path) -> int:
+    """Put the config drive in a partition at the end of the disk; return its number.
+
+    An existing config-2 partition (the image's own, or one from an earlier run) is reused, so
+    there is never more than one. Every failure is CONFIGDRIVE_FAILED with the reason.
+    """
+    try:
+        return _add_config_drive(disk, drive)
+    except ToolError as exc:
+        raise InstallError(messages.CONFIGDRIVE_FAILED, exc.detail) from exc
+    except OSError as exc:
+        raise InstallError(messages.CONFIGDRIVE_FAILED, f"{disk.path}: {exc}") from exc
+
+
+def _add_config_drive(disk: DiskLike, drive: Path) -> int:
+    def fail(reason: str) -> InstallError:
+        return InstallError(messages.CONFIGDRIVE_FAILED, f"{disk.path}: {reason}")
+
+    ss = disk.logical_sector_size
+    drive_bytes = drive.stat().st_size
+    if drive_bytes == 0 or drive_bytes > MAX_DRIVE:
+        raise fail(f"config drive image is {drive_bytes} bytes")
+    if ss != 512 and _drive_is_iso(drive):
+        raise fail(f"an ISO 9660 drive is unreadable on {ss}-byte sectors; build a FAT one")
+    kind = table_type(disk.path)
+    if kind is None:
+        raise fail("no partition table on the disk")
+    table = read_table(disk.path)
+    if table.sector_size != ss:
+        raise fail(f"sfdisk sees {table.sector_size}-byte sectors, the disk has {ss}")
+    disk_sectors = disk.size // ss
+    if table.label == "gpt" and (table.last_lba or 0) < disk_sectors - 1 - (16384 // ss + 1):
+        relocate_backup_gpt(disk)  # the usable area must reach the disk's end first
+        table = read_table(disk.path)
+
+    labels = {
+        p.number: probe_label(disk.path, p.start * ss, p.size * ss)
+        for p in table.partitions
+        if p.type not in EXTENDED_TYPES
+    }
+    existing = find_existing(table, labels)
+    if existing is not None:
+        if existing.size * ss < drive_bytes:
+            raise fail(
+                f"existing config-2 partition {existing.number} holds {existing.size * ss} "
+                f"bytes, the drive needs {drive_bytes}"
+            )
+        number, start, size = existing.number, existing.start, existing.size
+        log.info("reusing config-2 partition %d of %s", number, disk.path)
+    else:
+        try:
+            start, size = plan_new_partition(table, disk_sectors, drive_bytes)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        number = _create_partition(disk.path, table, start, size)
+        log.info("created config-2 partition %d of %s at sector %d", number, disk.path, start)
+
+    _write_drive(disk.path, start * ss, drive, size * ss)
+    label, fstype = probe_label(disk.path, start * ss, size * ss)
+    if label not in CONFIG_LABELS or fstype not in CONFIG_FSTYPES:
+        raise fail(f"after writing, partition {number} probes as LABEL={label!r} TYPE={fstype!r}")
+    reread_partition_table(disk.path)
+    return number
+
+
+def _create_partition(path: str, table: Table, start: int, size: int) -> int:
+    end = start + size - 1
+    if table.label == "gpt":
+        align = max(MIB // table.sector_size, 1)
+        run(
+            [
+                "sgdisk",
+                "-a",
+                str(align),
+                "-n",
+                f"0:{start}:{end}",
+                "-t",
+                f"0:{GPT_TYPE}",
+                "-c",
+                f"0:{GPT_NAME}",
+                path,
+            ],
+            timeout=120,
+        )
+    else:
+        run(
+            ["sfdisk", "--append", "--no-reread", "--no-tell-kernel", "--wipe", "never", path],
+            input_bytes=f"start={start}, size={size}, type={MBR_TYPE}\n".encode(),
+            timeout=120,
+        )
+    created = [p for p in read_table(path).partitions if p.start == start]
+    if len(created) != 1:
+        raise InstallError(
+            messages.CONFIGDRIVE_FAILED, f"{path}: the new partition at sector {start} is missing"
+        )
+    return created[0].number

@@ -1,0 +1,232 @@
+"""Start QEMU, drive it over QMP and read its serial console: the test VMs of tests/vm.
+
+A ``VM`` owns one QEMU process. It listens on a QMP unix socket before QEMU starts (so no
+connect race), writes the serial console to a file that ``wait_for`` polls for markers, and
+``stop`` always ends the process: QMP ``quit`` first, then SIGKILL. Use it as a context manager
+so a failing test never leaves a VM behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+QEMU = "qemu-system-x86_64"
+
+
+class VMError(AssertionError):
+    """A VM did not do what the test waited for; the message carries the console tail."""
+
+
+@dataclass
+class Drive:
+    """One virtio-blk disk. ``sector`` sets both logical and physical block sizes."""
+
+    path: Path
+    fmt: str = "raw"
+    sector: int = 512
+    bootindex: int | None = 0
+    readonly: bool = False
+
+
+@dataclass
+class VMConfig:
+    name: str
+    workdir: Path
+    memory_mb: int = 512
+    firmware: str = "bios"  # "bios" (SeaBIOS) or "uefi" (OVMF)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    drives: list[Drive] = field(default_factory=list)
+    shares: dict[str, tuple[Path, bool]] = field(default_factory=dict)  # tag -> (path, readonly)
+    network: bool = False
+
+
+def build_command(cfg: VMConfig, qmp_socket: Path, serial_log: Path) -> list[str]:
+    """The QEMU argument list for a config (pure, so it can be read and tested alone)."""
+    args = [
+        QEMU,
+        "-name", cfg.name,
+        "-machine", "q35,accel=tcg",
+        "-cpu", "max",
+        "-smp", "1",
+        "-m", str(cfg.memory_mb),
+        "-nodefaults",
+        "-display", "none",
+        "-no-reboot",
+        "-qmp", f"unix:{qmp_socket}",
+        "-chardev", f"file,id=ser0,path={serial_log}",
+        "-serial", "chardev:ser0",
+    ]  # fmt: skip
+    if cfg.firmware == "uefi":
+        vars_copy = cfg.workdir / f"{cfg.name}-OVMF_VARS.fd"
+        shutil.copyfile(OVMF_VARS, vars_copy)
+        args += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+        ]  # fmt: skip
+    if cfg.kernel:
+        args += ["-kernel", str(cfg.kernel), "-append", cfg.append]
+        if cfg.initrd:
+            args += ["-initrd", str(cfg.initrd)]
+    for i, d in enumerate(cfg.drives):
+        opts = f"file={d.path},format={d.fmt},if=none,id=disk{i},cache=writeback"
+        if d.readonly:
+            opts += ",readonly=on"
+        dev = f"virtio-blk-pci,drive=disk{i},id=vblk{i}"
+        if d.sector != 512:
+            dev += f",logical_block_size={d.sector},physical_block_size={d.sector}"
+        if d.bootindex is not None:
+            dev += f",bootindex={d.bootindex}"
+        args += ["-drive", opts, "-device", dev]
+    for tag, (path, ro) in cfg.shares.items():
+        spec = f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"
+        if ro:
+            spec += ",readonly=on"
+        args += ["-virtfs", spec]
+    if cfg.network:
+        args += ["-nic", "user,model=virtio-net-pci"]
+    else:
+        args += ["-nic", "none"]
+    return args
+
+
+class VM:
+    def __init__(self, cfg: VMConfig) -> None:
+        self.cfg = cfg
+        self.qmp_socket = cfg.workdir / f"{cfg.name}.qmp"
+        self.serial_log = cfg.workdir / f"{cfg.name}.serial.log"
+        self.stderr_log = cfg.workdir / f"{cfg.name}.qemu.log"
+        self.proc: subprocess.Popen | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self.started = 0.0
+
+    def __enter__(self) -> VM:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.qmp_socket.unlink(missing_ok=True)
+        self.serial_log.write_bytes(b"")
+        cmd = build_command(self.cfg, self.qmp_socket, self.serial_log)
+        qmp = QEMUMonitorProtocol(str(self.qmp_socket), server=True)
+        with open(self.stderr_log, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        self.started = time.monotonic()
+        try:
+            qmp.accept(timeout=30)
+        except Exception as exc:
+            self.stop()
+            raise VMError(f"QEMU did not connect to QMP: {exc}\n{self.qemu_log()}") from exc
+        self.qmp = qmp
+
+    def command(self, cmd: str, **args: Any) -> Any:
+        """One QMP command; its ``return`` value (a QMP error raises)."""
+        if self.qmp is None:
+            raise VMError("QMP is not connected")
+        return self.qmp.cmd(cmd, **args)
+
+    def status(self) -> str:
+        return self.command("query-status")["status"]
+
+    def console(self) -> str:
+        return self.serial_log.read_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
+
+    def qemu_log(self) -> str:
+        try:
+            return self.stderr_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _tail(self, lines: int = 60) -> str:
+        return "\n".join(self.console().splitlines()[-lines:])
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait until the console matches a regex; fail with the console tail on timeout."""
+        rx = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = rx.search(self.console())
+            if match:
+                return match
+            if self.proc is not None and self.proc.poll() is not None:
+                match = rx.search(self.console())
+                if match:
+                    return match
+                raise VMError(
+                    f"{self.cfg.name}: QEMU exited ({self.proc.returncode}) before {pattern!r}\n"
+                    f"--- console tail ---\n{self._tail()}\n--- qemu ---\n{self.qemu_log()}"
+                )
+            if time.monotonic() > deadline:
+                raise VMError(
+                    f"{self.cfg.name}: no {pattern!r} within {timeout:.0f}s\n"
+                    f"--- console tail ---\n{self._tail()}"
+                )
+            time.sleep(0.2)
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the guest to power itself off (QEMU exits with -no-reboot)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise VMError(
+                f"{self.cfg.name}: still running after {timeout:.0f}s\n{self._tail()}"
+            ) from exc
+
+    def stop(self) -> None:
+        """Always ends QEMU: QMP quit, then SIGKILL of this process only."""
+        if self.qmp is not None:
+            try:
+                if self.proc is not None and self.proc.poll() is None:
+                    self.qmp.cmd("quit")
+            except Exception:  # noqa: BLE001 - QEMU may already be gone
+                pass
+            try:
+                self.qmp.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.qmp = None
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        self.qmp_socket.unlink(missing_ok=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def between(text: str, begin: str, end: str) -> str:
+    """The console text between two marker lines (the last such block)."""
+    start = text.rfind(begin + "\n")
+    if start < 0:
+        raise VMError(f"no {begin} on the console")
+    start += len(begin) + 1
+    stop = text.find(end, start)
+    if stop < 0:
+        raise VMError(f"no {end} after {begin} on the console")
+    return text[start:stop]
+
+
+def markers(text: str, name: str) -> list[str]:
+    """Values of ``NAME=value`` marker lines, in order."""
+    return re.findall(rf"^{re.escape(name)}=(.*)$", text, re.M)
