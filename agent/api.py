@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import stat
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -253,11 +254,18 @@ def create_app(
     async def install_status(request: Request) -> Response:
         return JSONResponse(installs.status.snapshot())
 
+    def report_disks() -> dict[str, Any]:
+        if disks_report is not None:
+            return disks_report()
+        from agent.disks import disks_report as discover
+
+        report = discover(settings.hints)
+        if settings.disk:  # serve --disk: discovery's choice does not apply
+            report["explicit"] = settings.disk
+        return report
+
     async def disks(request: Request) -> Response:
-        report = disks_report
-        if report is None:
-            from agent.disks import disks_report as report
-        return JSONResponse(await anyio.to_thread.run_sync(report))
+        return JSONResponse(await anyio.to_thread.run_sync(report_disks))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -302,13 +310,21 @@ def create_app(
 # --- the server -----------------------------------------------------------------------------------
 
 
-def _guarded_h11(request_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol plus a deadline for receiving each request.
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 49\r\nConnection: close\r\n\r\n"
+    b'{"message": "Request header fields too large."}\r\n'
+)
+
+
+def _guarded_h11(request_timeout: float, max_head: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol plus a deadline for receiving each request and a strict head cap.
 
     uvicorn's keep-alive timer is cancelled by every byte received, so a client sending its
     headers (or a body) one byte at a time would hold a connection forever; with a few dozen
     of those the agent could not be reached. The deadline starts when the agent starts waiting
-    for a request (or its body) and is not extended by the bytes that trickle in.
+    for a request (or its body) and is not extended by the bytes that trickle in. h11's own
+    size cap only applies to a head that arrives in several reads, so it is enforced here too.
     """
 
     class GuardedH11Protocol(H11Protocol):
@@ -319,8 +335,17 @@ def _guarded_h11(request_timeout: float) -> type[H11Protocol]:
             self._watch()
 
         def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+                self.transport.write(_HEAD_TOO_LARGE)
+                self.transport.close()
+                return
             super().data_received(data)
             self._watch()
+
+        def _head_too_large(self, data: bytes) -> bool:
+            buffered = self.conn.trailing_data[0] + data
+            end = buffered.find(b"\r\n\r\n", 0, max_head + 4)
+            return (end if end >= 0 else len(buffered)) > max_head
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -368,7 +393,7 @@ def server_config(
         app,
         host=host,
         port=port,
-        http=_guarded_h11(settings.request_timeout),
+        http=_guarded_h11(settings.request_timeout, settings.max_header_bytes),
         ws="none",
         lifespan="on",
         log_config=None,  # keep the process's logging (and its ScrubFilter)
@@ -458,12 +483,17 @@ def serve(
     )
     app = create_app(settings)
     server = uvicorn.Server(server_config(app, settings, host, port, tls_cert, tls_key))
+    # uvicorn re-raises the signal that stopped it once its shutdown is done; a graceful stop
+    # on SIGTERM (systemd) then ends here with exit code 0 instead of a death by signal.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits this way when it cannot bind or start
         return exc.code if isinstance(exc.code, int) else 1
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it is done
+    except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 1
 
 

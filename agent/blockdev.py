@@ -6,7 +6,6 @@ size an image was made for) are pure functions so they can be tested without a d
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -262,8 +261,8 @@ def reread_partition_table(path: str, *, attempts: int = 8, wait_max: float = 2.
 
     BLKRRPART, retried while the device is briefly busy (EBUSY: a udev probe, a closing
     opener). A device that cannot re-read by itself (EINVAL: e.g. a loop device without
-    partition scanning), or one still busy after the retries, gets ``partx --update``, which
-    parses the table in user space and adds/removes partitions one by one. Then
+    partition scanning), or one still busy after the retries, gets ``partx``, which parses the
+    table in user space and deletes/adds partitions one by one. Then
     ``udevadm settle`` where udev runs. Failures are logged, not raised: the kernel's view is a
     convenience, every later step works on the whole disk by offset.
     """
@@ -279,7 +278,7 @@ def reread_partition_table(path: str, *, attempts: int = 8, wait_max: float = 2.
             with attempt:
                 _blkrrpart(path)
     except OSError as exc:
-        log.info("BLKRRPART on %s: %s; trying partx --update", path, exc)
+        log.info("BLKRRPART on %s: %s; refreshing the partitions with partx", path, exc)
         _partx_update(path)
     if shutil.which("udevadm"):
         try:
@@ -289,12 +288,15 @@ def reread_partition_table(path: str, *, attempts: int = 8, wait_max: float = 2.
 
 
 def _partx_update(path: str) -> None:
+    """Replace the kernel's partitions of ``path`` with the ones in its table (user space).
+
+    ``partx --update`` does not drop a partition that vanished from the middle of the table,
+    so all are deleted and the current ones added. A partition in use cannot be deleted; the
+    rest still gets refreshed.
+    """
     if not shutil.which("partx"):
         return
-    try:
-        run(["partx", "--update", path], timeout=60)
-    except ToolError as exc:
-        # No table at all: drop whatever partitions the kernel still has.
-        with contextlib.suppress(ToolError):
-            run(["partx", "--delete", path], timeout=60)
-        log.info("partx --update %s: %s", path, exc.detail)
+    for action in ("--delete", "--add"):
+        proc = run(["partx", action, path], timeout=60, check=False)
+        if proc.returncode != 0:
+            log.info("partx %s %s: %s", action, path, proc.stderr.strip())

@@ -58,14 +58,14 @@ _BOGUS_UUIDS = {
 }
 
 
-def system_uuid(path: Path = DMI_UUID) -> str | None:
+def system_uuid(path: Path | None = None) -> str | None:
     """The server's DMI product UUID, lower case, or None when unreadable or a placeholder.
 
     cloud-init's ConfigDrive ``check_instance_id`` compares the instance-id with this UUID on
     every boot: when they match it trusts its cached data instead of searching again.
     """
     try:
-        text = path.read_text(encoding="ascii", errors="replace").strip().lower()
+        text = (path or DMI_UUID).read_text(encoding="ascii", errors="replace").strip().lower()
         value = str(uuid.UUID(text))
     except (OSError, ValueError):
         return None

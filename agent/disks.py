@@ -708,7 +708,9 @@ def exclusive_holder(path: str) -> str | None:
         if exc.errno != errno.EBUSY:
             return None  # not ours to judge here (ENOENT, EACCES): the write will say
         who = _openers({os.path.realpath(path)})
-        return "opened exclusively" + (f" by {', '.join(who)}" if who else " by another user")
+        return "opened exclusively " + (
+            f"by {', '.join(who)}" if who else "(by the kernel: a mount, RAID, LVM or dm)"
+        )
     os.close(fd)
     return None
 
@@ -725,7 +727,9 @@ def busy_reasons(
     holders = _holders(sysdir, partitions)
     if holders:
         reasons.append(f"held by {', '.join(holders)} (LVM, RAID or dm)")
-    if sysfs == REAL_SYSFS and (why := exclusive_holder(disk.path)):
+    # The exclusive open catches what the lists above do not know (another process, a holder
+    # without sysfs trace); when they already explain the disk, it adds nothing.
+    if not reasons and sysfs == REAL_SYSFS and (why := exclusive_holder(disk.path)):
         reasons.append(why)
     return reasons
 

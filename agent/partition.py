@@ -72,17 +72,21 @@ class Table:
 # --- reading ------------------------------------------------------------------------------------
 
 
+def _pttype(path: str | Path) -> str:
+    proc = run(["blkid", "-p", "-s", "PTTYPE", "-o", "value", str(path)], check=False, timeout=60)
+    return proc.stdout.strip().lower() if proc.returncode == 0 else ""
+
+
 def table_type(path: str | Path) -> Literal["gpt", "dos"] | None:
     """The partition table libblkid finds at the start of ``path`` (a disk or an image file).
 
-    A protective MBR whose GPT is unreadable counts as GPT, so that the GPT repair runs and
+    A protective MBR whose GPT is unreadable counts as GPT, so that the GPT step runs and
     fails loudly instead of the disk being treated as an MBR one.
     """
-    proc = run(["blkid", "-p", "-s", "PTTYPE", "-o", "value", str(path)], check=False, timeout=60)
-    value = proc.stdout.strip().lower()
-    if proc.returncode == 0 and value in ("gpt", "pmbr"):
+    value = _pttype(path)
+    if value in ("gpt", "pmbr"):
         return "gpt"
-    if proc.returncode == 0 and value == "dos":
+    if value == "dos":
         return "dos"
     return None
 
@@ -136,8 +140,8 @@ def probe_label(path: str, offset: int, size: int) -> tuple[str, str]:
 
 
 def plan_new_partition(table: Table, disk_sectors: int, drive_bytes: int) -> tuple[int, int]:
-    """(start, size) in sectors of a new partition for a ``drive_bytes`` drive, ending at the
-    end of the usable disk, 1 MiB aligned; ValueError with the reason when it cannot go there.
+    """(start, size) in sectors of a new partition for a ``drive_bytes`` drive: its start 1 MiB
+    aligned, its end the last usable sector; ValueError with the reason when it cannot go there.
 
     MBR: the partition must end below the 32-bit sector limit (2 TiB on 512-byte sectors), and a
     fifth primary does not exist. A logical partition would need the extended partition to reach
@@ -162,6 +166,9 @@ def plan_new_partition(table: Table, disk_sectors: int, drive_bytes: int) -> tup
             )
         last = min(disk_sectors, MBR_LIMIT_SECTORS) - 1
     start = (last + 1 - size) // align * align
+    size = last - start + 1  # the slack below one alignment unit goes to the drive
+    if size * ss > MAX_DRIVE:
+        raise ValueError(f"the drive is {drive_bytes} bytes; no aligned partition of 64 MiB fits")
     used_end = max((p.end for p in table.partitions), default=0)
     floor = max(used_end + 1, table.first_lba or align)
     if start < floor:
@@ -259,11 +266,19 @@ def relocate_backup_gpt(disk: DiskLike) -> None:
     missing entirely (sgdisk rebuilds it from the primary). Checked twice: ``sgdisk -v`` must
     report no problem, and the last LBA must hold a GPT header.
     """
-    if table_type(disk.path) != "gpt":
+    pttype = _pttype(disk.path)
+    if pttype == "pmbr":
+        # sgdisk -e would "repair" this by writing an empty GPT: every partition lost.
+        raise InstallError(
+            messages.GPT_MOVE_FAILED, f"{disk.path}: protective MBR but no valid GPT header"
+        )
+    if pttype != "gpt":
         return
     try:
+        before = _layout(read_table(disk.path))
         run(["sgdisk", "-e", disk.path], timeout=120)
         verify = run(["sgdisk", "-v", disk.path], timeout=120)
+        after = _layout(read_table(disk.path))
     except ToolError as exc:
         raise InstallError(messages.GPT_MOVE_FAILED, exc.detail) from exc
     if "No problems found" not in verify.stdout:
@@ -271,6 +286,8 @@ def relocate_backup_gpt(disk: DiskLike) -> None:
             messages.GPT_MOVE_FAILED,
             f"sgdisk -v: {verify.stdout.strip()} {verify.stderr.strip()}"[-2000:],
         )
+    if before != after:
+        raise InstallError(messages.GPT_MOVE_FAILED, f"partitions changed: {before} became {after}")
     ss = disk.logical_sector_size
     last = disk.size // ss - 1
     header = _read_at(disk.path, last * ss, 8)
@@ -280,6 +297,10 @@ def relocate_backup_gpt(disk: DiskLike) -> None:
         )
     reread_partition_table(disk.path)
     log.info("backup GPT moved to LBA %d of %s", last, disk.path)
+
+
+def _layout(table: Table) -> list[tuple[int, int, int, str]]:
+    return [(p.number, p.start, p.size, p.type) for p in table.partitions]
 
 
 def add_config_drive(disk: DiskLike, drive: Path) -> int:
@@ -292,8 +313,8 @@ def add_config_drive(disk: DiskLike, drive: Path) -> int:
         return _add_config_drive(disk, drive)
     except ToolError as exc:
         raise InstallError(messages.CONFIGDRIVE_FAILED, exc.detail) from exc
-    except OSError as exc:
-        raise InstallError(messages.CONFIGDRIVE_FAILED, f"{disk.path}: {exc}") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise InstallError(messages.CONFIGDRIVE_FAILED, f"{disk.path}: {exc!r}") from exc
 
 
 def _add_config_drive(disk: DiskLike, drive: Path) -> int:
@@ -314,7 +335,10 @@ def _add_config_drive(disk: DiskLike, drive: Path) -> int:
         raise fail(f"sfdisk sees {table.sector_size}-byte sectors, the disk has {ss}")
     disk_sectors = disk.size // ss
     if table.label == "gpt" and (table.last_lba or 0) < disk_sectors - 1 - (16384 // ss + 1):
-        relocate_backup_gpt(disk)  # the usable area must reach the disk's end first
+        try:  # the usable area must reach the disk's end first
+            relocate_backup_gpt(disk)
+        except InstallError as exc:
+            raise fail(f"backup GPT not at the end of the disk: {exc.detail}") from exc
         table = read_table(disk.path)
 
     labels = {

@@ -18,6 +18,8 @@ nothing changed. Run as root (a loop device with 4096-byte sectors lays out the 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -125,7 +127,7 @@ def module_order(kdir: Path, wanted: list[str]) -> list[Path]:
         if ko in order:
             return
         match = re.search(rb"\x00depends=([^\x00]*)\x00", ko.read_bytes())
-        for dep in (match.group(1).decode().split(",") if match else []):
+        for dep in match.group(1).decode().split(",") if match else []:
             if dep:
                 visit(dep, (*seen, name))
         order.append(ko)
@@ -165,10 +167,9 @@ def build_initramfs(init: Path, modules: list[str], kdir: Path, out: Path) -> No
         (stage / "etc" / "modules-order").write_text("\n".join(names) + "\n")
         shutil.copy2(init, stage / "init")
         (stage / "init").chmod(0o755)
-        try:
+        # init reopens /dev/console from devtmpfs anyway when this cannot be made
+        with contextlib.suppress(PermissionError):
             os.mknod(stage / "dev" / "console", 0o600 | 0o020000, os.makedev(5, 1))
-        except PermissionError:
-            pass  # init reopens /dev/console from devtmpfs anyway
         files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*"))
         proc = subprocess.run(
             ["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"],
@@ -209,8 +210,21 @@ def ext2_image(path: Path, size: int, block: int, label: str, content: dict[str,
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(text)
         path.unlink(missing_ok=True)
-        run("mke2fs", "-q", "-F", "-t", "ext2", "-b", str(block), "-L", label, "-d", tmp, path,
-            f"{size // 1024}k")
+        run(
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext2",
+            "-b",
+            str(block),
+            "-L",
+            label,
+            "-d",
+            tmp,
+            path,
+            f"{size // 1024}k",
+        )
 
 
 def splice(image: Path, offset: int, part: Path) -> None:
@@ -239,12 +253,19 @@ def grub_efi(out: Path, cfg: str) -> None:
         mods = "part_gpt part_msdos fat ext2 search search_fs_file linux echo normal test"
         run(
             ROOT / "usr/bin/grub-mkstandalone",
-            "-d", ROOT / "usr/lib/grub/x86_64-efi",
-            "-O", "x86_64-efi",
-            "--modules", mods,
-            "--install-modules", mods + " configfile all_video efi_gop",
-            "--locales=", "--fonts=", "--themes=",
-            "-o", out,
+            "-d",
+            ROOT / "usr/lib/grub/x86_64-efi",
+            "-O",
+            "x86_64-efi",
+            "--modules",
+            mods,
+            "--install-modules",
+            mods + " configfile all_video efi_gop",
+            "--locales=",
+            "--fonts=",
+            "--themes=",
+            "-o",
+            out,
             f"boot/grub/grub.cfg={cfgfile}",
         )
 
@@ -258,8 +279,8 @@ def uefi_image(out_raw: Path, sector: int, kernel: Path, initrd: Path, tag: str)
         f.truncate(IMAGE_SIZE)
     script = (
         "label: gpt\n"
-        f"start={esp_start // sector}, size={esp_size // sector}, type=U, name=\"EFI\"\n"
-        f"start={root_start // sector}, size={root_size // sector}, type=L, name=\"root\"\n"
+        f'start={esp_start // sector}, size={esp_size // sector}, type=U, name="EFI"\n'
+        f'start={root_start // sector}, size={root_size // sector}, type=L, name="root"\n'
     )
     partition(out_raw, script, sector)
     work = OUT / f"work-{tag}"
@@ -285,8 +306,13 @@ def uefi_image(out_raw: Path, sector: int, kernel: Path, initrd: Path, tag: str)
         },
     )
     splice(out_raw, esp_start, work / "esp.img")
-    ext2_image(work / "root.img", root_size, 4096, "byoi-root",
-               {"etc/byoi-release": f"byoi sample image {tag}\n"})
+    ext2_image(
+        work / "root.img",
+        root_size,
+        4096,
+        "byoi-root",
+        {"etc/byoi-release": f"byoi sample image {tag}\n"},
+    )
     splice(out_raw, root_start, work / "root.img")
     shutil.rmtree(work)
 
@@ -335,8 +361,13 @@ def bios_image(out_raw: Path, kernel: Path, initrd: Path) -> None:
         {"boot/grub/grub.cfg": cfg, "byoi/vmlinuz": kernel, "byoi/initrd.img": initrd},
     )
     splice(out_raw, part_start, work / "boot.img")
-    ext2_image(work / "root.img", root_size, 4096, "byoi-root",
-               {"etc/byoi-release": "byoi sample image bios\n"})
+    ext2_image(
+        work / "root.img",
+        root_size,
+        4096,
+        "byoi-root",
+        {"etc/byoi-release": "byoi sample image bios\n"},
+    )
     splice(out_raw, root_start, work / "root.img")
     boot = (grubdir / "boot.img").read_bytes()
     with open(out_raw, "r+b") as f:
@@ -366,8 +397,17 @@ def stamp_value(debs: list[Path]) -> str:
 
 
 def build(force: bool = False) -> dict:
-    """Build everything unless the stamp says it is up to date; return the manifest."""
+    """Build everything unless the stamp says it is up to date; return the manifest.
+
+    Serialised with a lock file: several test runs may share one working tree.
+    """
     OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(force)
+
+
+def _build_locked(force: bool) -> dict:
     debs = fetch_packages([kernel_package(), *PACKAGES])
     stamp = stamp_value(debs)
     if not force and STAMP.exists() and STAMP.read_text() == stamp and MANIFEST.exists():

@@ -8,6 +8,7 @@ so a failing test never leaves a VM behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -192,15 +193,11 @@ class VM:
     def stop(self) -> None:
         """Always ends QEMU: QMP quit, then SIGKILL of this process only."""
         if self.qmp is not None:
-            try:
+            with contextlib.suppress(Exception):  # QEMU may already be gone
                 if self.proc is not None and self.proc.poll() is None:
                     self.qmp.cmd("quit")
-            except Exception:  # noqa: BLE001 - QEMU may already be gone
-                pass
-            try:
+            with contextlib.suppress(Exception):
                 self.qmp.close()
-            except Exception:  # noqa: BLE001
-                pass
             self.qmp = None
         if self.proc is not None and self.proc.poll() is None:
             try:

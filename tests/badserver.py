@@ -1,0 +1,171 @@
+"""A deliberately misbehaving HTTP/1.1 server on 127.0.0.1, written on raw sockets.
+
+http.server cannot lie about Content-Length, drop a connection half-way or stall on purpose, so
+this one parses just enough of a request and then runs a named behaviour. Every request is
+recorded (path, headers) so tests can check what the client sent and how often it asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+Behaviour = Callable[["BadServer", socket.socket, Request, int], None]
+
+
+@dataclass
+class BadServer:
+    """``payload`` is the file every behaviour serves (or lies about)."""
+
+    payload: bytes
+    host: str = "127.0.0.1"
+    requests: list[Request] = field(default_factory=list)
+    routes: dict[str, Behaviour] = field(default_factory=dict)
+    _counts: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> BadServer:
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                outer._handle(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            block_on_close = False
+            allow_reuse_address = True
+
+        self._server = Server((self.host, 0), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def url(self, path: str, host: str | None = None, userinfo: str = "") -> str:
+        at = f"{userinfo}@" if userinfo else ""
+        return f"http://{at}{host or self.host}:{self.port}{path}"
+
+    def count(self, path: str) -> int:
+        with self._lock:
+            return self._counts.get(path, 0)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake up when the server stops (so no test waits on a staller)."""
+        self._stop.wait(seconds)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.payload).hexdigest()
+
+    # -- plumbing --
+
+    def _handle(self, sock: socket.socket) -> None:
+        sock.settimeout(10)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                more = sock.recv(65536)
+                if not more:
+                    return
+                data += more
+        except OSError:
+            return
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        method, path, _ = head[0].split(" ", 2)
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        req = Request(method, path, headers)
+        with self._lock:
+            self.requests.append(req)
+            n = self._counts[path] = self._counts.get(path, 0) + 1
+        behaviour = self.routes.get(path.split("?")[0], not_found)
+        try:
+            behaviour(self, sock, req, n)
+        except OSError:
+            pass  # the client went away: that is often the point
+        finally:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+def send_head(sock: socket.socket, status: str, headers: dict[str, str | int]) -> None:
+    lines = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+
+def not_found(server: BadServer, sock: socket.socket, req: Request, n: int) -> None:
+    send_head(sock, "404 Not Found", {"Content-Length": 0, "Connection": "close"})
+
+
+_RANGE = re.compile(r"bytes=(\d+)-$")
+
+
+def serve(
+    server: BadServer,
+    sock: socket.socket,
+    req: Request,
+    *,
+    data: bytes | None = None,
+    etag: str | None = '"v1"',
+    ranges: bool = True,
+    cut_at: int | None = None,
+    length: int | None = -1,
+    extra_headers: dict[str, str | int] | None = None,
+) -> None:
+    """Serve ``data`` (default the payload) honestly, unless told to lie or cut.
+
+    ``length``: -1 = the true Content-Length, None = no Content-Length (close-delimited),
+    another number = that Content-Length whatever is sent. ``cut_at``: close after sending this
+    many body bytes. Range requests are honoured when ``ranges`` and the If-Range matches.
+    """
+    body = server.payload if data is None else data
+    headers: dict[str, str | int] = {"Connection": "close"}
+    if etag:
+        headers["ETag"] = etag
+    if ranges:
+        headers["Accept-Ranges"] = "bytes"
+    status = "200 OK"
+    m = _RANGE.match(req.header("range") or "")
+    if ranges and m and (req.header("if-range") in (None, etag)):
+        start = int(m.group(1))
+        if start >= len(body):
+            send_head(sock, "416 Range Not Satisfiable", {"Content-Length": 0, **headers})
+            return
+        headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        body = body[start:]
+        status = "206 Partial Content"
+    if length == -1:
+        headers["Content-Length"] = len(body)
+    elif length is not None:
+        headers["Content-Length"] = length
+    headers.update(extra_headers or {})
+    send_head(sock, status, headers)
+    sock.sendall(body if cut_at is None else body[:cut_at])

@@ -1,0 +1,618 @@
+"""Disk discovery, eligibility, the default choice, hints and busy checks.
+
+The discovery rules run on fabricated sysfs trees (fast, no root, every device kind); the
+``--disk`` path and the busy checks run on real loop devices with real mounts, swap and
+exclusive opens.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import disks, messages
+from agent.disks import Disk, Mount, SystemState
+from agent.messages import InstallError
+from tests.conftest import needs_root
+
+GiB = 1024**3
+
+
+@pytest.fixture
+def loop(make_loop):
+    """``make_loop`` that also drops kernel partitions (partx -d) before use and at teardown.
+
+    On this kernel ``losetup -d`` keeps partitions added with BLKPG (partx -a), so a reused
+    loop device can carry another test's stale loopNpM nodes.
+    """
+    made: list[str] = []
+
+    def make(*args, **kwargs) -> str:
+        dev = make_loop(*args, **kwargs)
+        subprocess.run(["partx", "-d", dev], capture_output=True, timeout=60)
+        made.append(dev)
+        return dev
+
+    yield make
+    for dev in made:
+        subprocess.run(["partx", "-d", dev], capture_output=True, timeout=60)
+
+
+class FakeSysfs:
+    """A fabricated /sys and /dev laid out like the kernel's (block/, class/block, dev/block)."""
+
+    def __init__(self, root: Path) -> None:
+        self.sys = root / "sys"
+        self.dev = root / "dev"
+        for d in ("block", "class/block", "dev/block", "devices/virtual/block"):
+            (self.sys / d).mkdir(parents=True, exist_ok=True)
+        (self.dev / "disk" / "by-path").mkdir(parents=True)
+
+    @staticmethod
+    def _write(path: Path, value: str | bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(value, bytes):
+            path.write_bytes(value)
+        else:
+            path.write_text(value + "\n")
+
+    def _link(self, link: Path, target: Path) -> None:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(target, link.parent))
+
+    def disk(
+        self,
+        name: str,
+        major: int,
+        minor: int,
+        *,
+        size: int = 100 * GiB,
+        ro: bool = False,
+        rotational: bool = False,
+        removable: bool = False,
+        lbs: int = 512,
+        pbs: int | None = None,
+        attrs: dict[str, str | bytes] | None = None,
+        partitions: int = 0,
+        holders: dict[str, list[str]] | None = None,
+        slaves: list[str] = (),
+        by_path: str | None = None,
+    ) -> Path:
+        d = self.sys / "devices" / "virtual" / "block" / name
+        d.mkdir(parents=True)
+        self._write(d / "dev", f"{major}:{minor}")
+        self._write(d / "size", str(size // 512))
+        self._write(d / "ro", "1" if ro else "0")
+        self._write(d / "removable", "1" if removable else "0")
+        self._write(d / "queue" / "rotational", "1" if rotational else "0")
+        self._write(d / "queue" / "logical_block_size", str(lbs))
+        self._write(d / "queue" / "physical_block_size", str(pbs or lbs))
+        for rel, value in (attrs or {}).items():
+            self._write(d / rel, value)
+        (d / "holders").mkdir()
+        (d / "slaves").mkdir()
+        for slave in slaves:
+            (d / "slaves" / slave).mkdir()
+        self._link(self.sys / "block" / name, d)
+        self._link(self.sys / "class" / "block" / name, d)
+        self._link(self.sys / "dev" / "block" / f"{major}:{minor}", d)
+        (self.dev / name).touch()
+        for number in range(1, partitions + 1):
+            pname = f"{name}p{number}" if name[-1].isdigit() else f"{name}{number}"
+            p = d / pname
+            self._write(p / "partition", str(number))
+            self._write(p / "dev", f"{major}:{minor + number}")
+            self._write(p / "size", str(size // 512 // (partitions + 1)))
+            (p / "holders").mkdir()
+            self._link(self.sys / "class" / "block" / pname, p)
+            self._link(self.sys / "dev" / "block" / f"{major}:{minor + number}", p)
+            (self.dev / pname).touch()
+        for owner, held in (holders or {}).items():
+            (d / owner / "holders" if owner != name else d / "holders").mkdir(exist_ok=True)
+            for h in held:
+                ((d / owner if owner != name else d) / "holders" / h).mkdir()
+        if by_path:
+            self._link(self.dev / "disk" / "by-path" / by_path, self.dev / name)
+        return d
+
+    def discover(self, state: SystemState | None = None) -> dict[str, Disk]:
+        found = disks.discover(self.sys, self.dev, state=state or SystemState())
+        return {d.name: d for d in found}
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeSysfs:
+    return FakeSysfs(tmp_path)
+
+
+def zoo(fake: FakeSysfs) -> SystemState:
+    """Every kind of block device the rules know, plus the running system on sdd."""
+    fake.disk(
+        "sda",
+        8,
+        0,
+        size=480 * GiB,
+        rotational=True,
+        attrs={
+            "device/model": "ST480  ",
+            "device/vendor": "ATA     ",
+            "device/wwid": "naa.5000c500a1b2c3d4",
+            "device/vpd_pg80": b"\x00\x80\x00\x08ZA1B2C3D",
+        },
+        by_path="pci-0000:00:1f.2-ata-1",
+    )
+    fake.disk(
+        "nvme0n1",
+        259,
+        0,
+        size=960 * GiB,
+        pbs=4096,
+        attrs={
+            "device/model": "Samsung SSD 980",
+            "device/serial": "S64ANS0R123456",
+            "wwid": "eui.0025385b71b0abcd",
+        },
+    )
+    fake.disk("sr0", 11, 0, size=GiB, removable=True)
+    fake.disk("loop0", 7, 0, size=10 * GiB)
+    fake.disk("zram0", 252, 0, size=8 * GiB, lbs=4096)
+    fake.disk("ram0", 1, 0, size=64 * 1024**2)
+    fake.disk("md0", 9, 0, size=100 * GiB, slaves=["sdf1"])
+    fake.disk("dm-0", 253, 0, size=100 * GiB, slaves=["sdg1"], attrs={"dm/name": "vg-lv"})
+    fake.disk("fd0", 2, 0, size=1474560)
+    fake.disk("sdb", 8, 16, size=200 * GiB, ro=True)
+    fake.disk("sdc", 8, 32, size=0, removable=True)
+    fake.disk("sdd", 8, 48, size=50 * GiB, partitions=2, attrs={"serial": "ROOTDISK"})
+    fake.disk("sde", 8, 64, size=2 * GiB)
+    fake.disk("sdf", 8, 80, size=300 * GiB, partitions=1, holders={"sdf1": ["md0"]})
+    fake.disk("sdg", 8, 96, size=300 * GiB, partitions=1, holders={"sdg1": ["dm-0"]})
+    fake.disk("sdh", 8, 112, size=300 * GiB, partitions=2)
+    fake.disk("sdi", 8, 128, size=64 * GiB, removable=True)
+    return SystemState(
+        mounts=(
+            Mount("/dev/root", "/", (8, 49)),  # /proc/mounts says /dev/root: found by dev number
+            Mount("/dev/sdd2", "/boot"),
+            Mount("/dev/sdh1", "/mnt/data"),
+        ),
+        swaps=(Mount("/dev/sdh2", "[swap]"),),
+    )
+
+
+# --- discovery rules on a fabricated tree -------------------------------------------------------
+
+
+def test_discovery_rules_give_each_disk_a_verdict_and_a_reason(fake: FakeSysfs) -> None:
+    found = fake.discover(zoo(fake))
+    expected = {
+        "sda": (True, "eligible"),
+        "nvme0n1": (True, "eligible"),
+        "sr0": (False, "optical"),
+        "loop0": (False, "loop"),
+        "zram0": (False, "zram"),
+        "ram0": (False, "RAM disk"),
+        "md0": (False, "software RAID"),
+        "dm-0": (False, "device-mapper"),
+        "fd0": (False, "floppy"),
+        "sdb": (False, "read-only"),
+        "sdc": (False, "zero size"),
+        "sdd": (False, "holds the running system (/ is on /dev/root)"),
+        "sde": (False, "smaller than 4 GiB"),
+        "sdf": (False, "held by md0"),
+        "sdg": (False, "held by dm-0"),
+        "sdh": (False, "/dev/sdh1 mounted on /mnt/data"),
+        "sdi": (True, "eligible"),
+    }
+    assert set(found) == set(expected)
+    for name, (eligible, reason) in expected.items():
+        assert found[name].eligible is eligible, (name, found[name].reason)
+        assert reason in found[name].reason, (name, found[name].reason)
+    assert "active swap on /dev/sdh2" in found["sdh"].reason
+    # natural order, the order a person reads
+    order = [d.name for d in disks.discover(fake.sys, fake.dev, state=SystemState())]
+    assert order.index("sda") < order.index("sdb") < order.index("sdi")
+
+
+def test_attributes_come_from_sysfs_without_udev(fake: FakeSysfs) -> None:
+    found = fake.discover(zoo(fake))
+    sda, nvme = found["sda"], found["nvme0n1"]
+    assert (sda.path, sda.size, sda.model, sda.vendor) == (
+        str(fake.dev / "sda"),
+        480 * GiB,
+        "ST480",
+        "ATA",
+    )
+    assert sda.serial == "ZA1B2C3D"  # from the SCSI unit serial number VPD page
+    assert sda.wwn == "naa.5000c500a1b2c3d4"
+    assert sda.rotational and not sda.removable and not sda.read_only
+    assert sda.by_path == str(fake.dev / "disk" / "by-path" / "pci-0000:00:1f.2-ata-1")
+    assert (nvme.serial, nvme.wwn, nvme.model) == (
+        "S64ANS0R123456",
+        "eui.0025385b71b0abcd",
+        "Samsung SSD 980",
+    )
+    assert (nvme.logical_sector_size, nvme.physical_sector_size) == (512, 4096)
+    assert (nvme.major, nvme.minor, nvme.rotational) == (259, 0, False)
+    assert found["zram0"].logical_sector_size == 4096
+    assert found["sdd"].serial == "ROOTDISK"  # virtio-style block-level serial
+    assert found["sdd"].partitions == ("sdd1", "sdd2")
+    assert found["sdf"].holders == ("md0",)
+    as_json = sda.to_json()
+    assert {"name", "path", "size", "eligible", "reason"} <= set(as_json)
+    assert as_json["size"] == 480 * GiB and as_json["eligible"] is True
+
+
+def test_system_disk_found_through_dm_and_md_slaves(fake: FakeSysfs) -> None:
+    fake.disk("sda", 8, 0, partitions=2)
+    fake.disk("sdb", 8, 16, partitions=1)
+    fake.disk("sdc", 8, 32, partitions=1)
+    fake.disk("sdd", 8, 48)
+    fake.disk("dm-0", 253, 0, slaves=["sda2"])  # LVM root on sda2
+    fake.disk("md127", 9, 127, slaves=["sdb1", "sdc1"])  # RAID1 /boot on sdb1 + sdc1
+    state = SystemState(
+        mounts=(Mount("/dev/mapper/vg-root", "/", (253, 0)), Mount("/dev/md127", "/boot"))
+    )
+    found = fake.discover(state)
+    for name in ("sda", "sdb", "sdc"):
+        assert not found[name].eligible
+        assert "holds the running system" in found[name].reason
+    assert "/boot" in found["sdb"].reason and "/ is on" in found["sda"].reason
+    assert found["sdd"].eligible
+    assert disks.choose(list(found.values()))[0].name == "sdd"
+
+
+def test_system_disk_found_through_a_loop_backing_file(fake: FakeSysfs, tmp_path: Path) -> None:
+    """A live system: / is a squashfs on loop0, whose file sits on the disk that is tmp_path's."""
+    squashfs = tmp_path / "filesystem.squashfs"
+    squashfs.write_bytes(b"hsqs")
+    st_dev = os.stat(squashfs).st_dev
+    fake.disk("medium", os.major(st_dev), os.minor(st_dev))
+    fake.disk("other", 8, 0)
+    fake.disk("loop0", 7, 0, attrs={"loop/backing_file": str(squashfs)})
+    found = fake.discover(SystemState(mounts=(Mount("/dev/loop0", "/"),)))
+    assert not found["medium"].eligible and "holds the running system" in found["medium"].reason
+    assert found["other"].eligible
+
+
+def test_nothing_eligible_says_so(fake: FakeSysfs) -> None:
+    fake.disk("loop0", 7, 0)
+    fake.disk("sda", 8, 0, ro=True)
+    report = disks.disks_report(sysfs=fake.sys, dev=fake.dev, state=SystemState())
+    assert report["chosen"] is None
+    assert report["reason"] == messages.NO_ELIGIBLE_DISK
+    assert [d["name"] for d in report["disks"]] == ["sda", "loop0"]
+    with pytest.raises(InstallError) as err:
+        disks.select_target(None, {}, sysfs=fake.sys, dev=fake.dev, state=SystemState())
+    assert err.value.message == messages.NO_ELIGIBLE_DISK
+
+
+def test_disks_report_shape(fake: FakeSysfs) -> None:
+    state = zoo(fake)
+    report = disks.disks_report(sysfs=fake.sys, dev=fake.dev, state=state)
+    assert set(report) == {"disks", "chosen", "reason"}
+    assert report["chosen"] == str(fake.dev / "nvme0n1")
+    assert "default choice" in report["reason"]
+    assert len(report["disks"]) == 17
+    hinted = disks.disks_report({"rotational": "true"}, sysfs=fake.sys, dev=fake.dev, state=state)
+    assert hinted["chosen"] == str(fake.dev / "sda")
+    assert "rotational=true" in hinted["reason"] and hinted["hints"] == {"rotational": "true"}
+
+
+# --- the default choice -------------------------------------------------------------------------
+
+
+def make_disk(
+    name: str, size_gib: int, *, rotational=False, removable=False, eligible=True, **kw
+) -> Disk:
+    fields = dict(
+        name=name,
+        path=f"/dev/{name}",
+        size=size_gib * GiB,
+        logical_sector_size=512,
+        physical_sector_size=512,
+        model=None,
+        vendor=None,
+        serial=None,
+        wwn=None,
+        rotational=rotational,
+        removable=removable,
+        read_only=False,
+        by_path=None,
+        eligible=eligible,
+        reason="eligible" if eligible else "loop device",
+    )
+    fields.update(kw)
+    return Disk(**fields)
+
+
+@pytest.mark.parametrize(
+    ("pool", "expected"),
+    [
+        # non-rotational beats a smaller rotational disk
+        ([("sda", 500, True, False), ("nvme0n1", 1000, False, False)], "nvme0n1"),
+        # non-removable beats a smaller non-rotational removable one
+        ([("sdb", 16, False, True), ("sda", 2000, True, False)], "sda"),
+        # smallest among equals (OS disk vs data disk)
+        ([("nvme1n1", 3840, False, False), ("nvme0n1", 480, False, False)], "nvme0n1"),
+        # identical twins: natural name order, nvme2 before nvme10, sdb before sdaa
+        ([("nvme10n1", 960, False, False), ("nvme2n1", 960, False, False)], "nvme2n1"),
+        ([("sdaa", 960, False, False), ("sdb", 960, False, False)], "sdb"),
+    ],
+)
+def test_default_choice_is_deterministic(pool, expected) -> None:
+    candidates = [make_disk(n, s, rotational=r, removable=rm) for n, s, r, rm in pool]
+    candidates.append(make_disk("loop0", 1, eligible=False))
+    rng = random.Random(4)
+    for _ in range(6):
+        rng.shuffle(candidates)
+        chosen, why = disks.choose(candidates)
+        assert chosen.name == expected
+        assert "default choice" in why
+
+
+def test_select_target_default_on_fabricated_tree(fake: FakeSysfs) -> None:
+    target = disks.select_target(None, {}, sysfs=fake.sys, dev=fake.dev, state=zoo(fake))
+    assert target.name == "nvme0n1"
+    assert "smallest non-removable non-rotational" in target.reason
+
+
+# --- hints --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hints", "expected"),
+    [
+        ({"name": "sda"}, "sda"),
+        ({"name": "/dev/sdi"}, "sdi"),
+        ({"serial": "za1b2c3d"}, "sda"),
+        ({"serial": "S64ANS0R123456"}, "nvme0n1"),
+        ({"wwn": "0x5000C500A1B2C3D4"}, "sda"),  # udev style vs sysfs naa. style
+        ({"wwn": "eui.0025385b71b0abcd"}, "nvme0n1"),
+        ({"model": "samsung  ssd 980"}, "nvme0n1"),
+        ({"vendor": "ata"}, "sda"),
+        ({"size": "480"}, "sda"),
+        ({"size": ">=900"}, "nvme0n1"),
+        ({"size": "<100"}, "sdi"),
+        ({"rotational": "true"}, "sda"),
+        ({"rotational": "0"}, "nvme0n1"),  # several match: the default order decides
+        ({"by_path": "pci-0000:00:1f.2-ata-1"}, "sda"),
+        ({"rotational": "false", "size": "64"}, "sdi"),
+        ({"vendor": "ATA", "size": ">=400", "rotational": "yes"}, "sda"),
+    ],
+)
+def test_hints_select(fake: FakeSysfs, hints, expected) -> None:
+    state = zoo(fake)
+    target = disks.select_target(None, hints, sysfs=fake.sys, dev=fake.dev, state=state)
+    assert target.name == expected
+    assert "matches the root device hints" in target.reason
+
+
+@pytest.mark.parametrize(
+    "hints", [{"serial": "nope"}, {"size": "481"}, {"vendor": "ATA", "rotational": "false"}]
+)
+def test_hints_matching_nothing(fake: FakeSysfs, hints) -> None:
+    state = zoo(fake)
+    with pytest.raises(InstallError) as err:
+        disks.select_target(None, hints, sysfs=fake.sys, dev=fake.dev, state=state)
+    assert err.value.message == messages.no_disk_matches_hints(disks.format_hints(hints))
+
+
+def test_hint_matching_only_an_ineligible_disk_says_why(fake: FakeSysfs) -> None:
+    state = zoo(fake)
+    with pytest.raises(InstallError) as err:
+        disks.select_target(None, {"serial": "ROOTDISK"}, sysfs=fake.sys, dev=fake.dev, state=state)
+    assert err.value.message.startswith(f"Target disk {fake.dev / 'sdd'} cannot be used: holds")
+
+
+def test_parse_hints() -> None:
+    assert disks.parse_hints(["name=sda", "size=>=100", " Rotational = false", "by-path=x"]) == {
+        "name": "sda",
+        "size": ">=100",
+        "rotational": "false",
+        "by_path": "x",
+    }
+    assert disks.parse_hints([]) == {}
+    for bad, why in [
+        ("colour=blue", "unknown key"),
+        ("name", "expected KEY=VALUE"),
+        ("=sda", "expected KEY=VALUE"),
+        ("serial=", "empty value"),
+        ("size=big", "size is a whole number"),
+        ("size=1.5", "size is a whole number"),
+        ("rotational=maybe", "rotational is true or false"),
+    ]:
+        with pytest.raises(InstallError) as err:
+            disks.parse_hints([bad])
+        assert err.value.message == messages.bad_hint(bad, err.value.message.split(": ", 1)[1][:-1])
+        assert why in err.value.message, bad
+    with pytest.raises(InstallError, match="given twice"):
+        disks.parse_hints(["name=sda", "name=sdb"])
+
+
+# --- busy checks, rules only (fabricated tree) --------------------------------------------------
+
+
+def test_busy_reasons_on_fabricated_tree(fake: FakeSysfs) -> None:
+    state = zoo(fake)
+    found = fake.discover(state)
+    assert disks.busy_reasons(found["sda"], sysfs=fake.sys, state=state) == []
+    sdh = disks.busy_reasons(found["sdh"], sysfs=fake.sys, state=state)
+    assert sdh == ["/dev/sdh1 mounted on /mnt/data", "active swap on /dev/sdh2"]
+    with pytest.raises(InstallError) as err:
+        disks.check_not_busy(found["sdf"], sysfs=fake.sys, state=state)
+    assert err.value.message == messages.disk_busy(
+        str(fake.dev / "sdf"), "held by md0 (LVM, RAID or dm)"
+    )
+
+
+def test_natural_key() -> None:
+    names = ["sdaa", "nvme10n1", "sdb", "sda", "nvme2n1", "vda"]
+    assert sorted(names, key=disks.natural_key) == [
+        "sda",
+        "sdb",
+        "vda",
+        "sdaa",
+        "nvme2n1",
+        "nvme10n1",
+    ]
+
+
+# --- the real machine and real loop devices -----------------------------------------------------
+
+
+def test_real_discovery_never_offers_the_root_disk_or_loops() -> None:
+    found = disks.discover()
+    root_dev = os.stat("/").st_dev
+    for disk in found:
+        if (disk.major, disk.minor) == (os.major(root_dev), os.minor(root_dev)):
+            assert not disk.eligible and "holds the running system" in disk.reason
+        if disk.name.startswith(("loop", "zram")):
+            assert not disk.eligible
+
+
+def _run(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.fixture
+def partitioned_loop(loop) -> Iterator[str]:
+    """A loop disk with two MBR partitions whose nodes exist (partx -a), removed at teardown."""
+    dev = loop(64 * 1024**2)
+    subprocess.run(
+        ["sfdisk", "-q", dev],
+        input="start=2048, size=40960\nstart=43008\n",
+        text=True,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    _run("partx", "-a", dev)
+    yield dev
+    subprocess.run(["partx", "-d", dev], capture_output=True, timeout=60)
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("sector", [512, 4096])
+def test_explicit_loop_disk_is_accepted(loop, sector) -> None:
+    dev = loop(32 * 1024**2, sector_size=sector)
+    disk = disks.select_target(dev, {"serial": "ignored when --disk is given"})
+    assert (disk.path, disk.size, disk.logical_sector_size) == (dev, 32 * 1024**2, sector)
+    assert disk.eligible and disk.name == os.path.basename(dev)
+    # discovery itself never offers it
+    assert not {d.name: d for d in disks.discover()}[disk.name].eligible
+
+
+@pytest.mark.root
+@needs_root
+def test_explicit_refusals(loop, partitioned_loop, tmp_path) -> None:
+    regular = tmp_path / "file.img"
+    regular.write_bytes(bytes(4096))
+    cases = {
+        str(regular): "not a block device",
+        str(tmp_path / "missing"): "no such device",
+        partitioned_loop + "p1": f"is a partition; name the whole disk ({partitioned_loop[5:]})",
+    }
+    empty = loop(0, name="empty.img")
+    cases[empty] = "zero size"
+    ro = loop(8 * 1024**2, name="ro.img")
+    _run("blockdev", "--setro", ro)
+    cases[ro] = "read-only"
+    # The root disk: refused from sysfs and /proc/mounts alone, never opened.
+    root = disks._name_from_devno(disks._devno(os.stat("/").st_dev), Path("/sys"))
+    if root is not None:
+        cases[f"/dev/{root}"] = "holds the running system"
+    try:
+        for device, reason in cases.items():
+            with pytest.raises(InstallError) as err:
+                disks.select_target(device, {})
+            assert err.value.message.startswith("Target disk "), device
+            assert "cannot be used" in err.value.message and reason in err.value.message, device
+    finally:
+        _run("blockdev", "--setrw", ro)
+
+
+@pytest.mark.root
+@needs_root
+def test_busy_mounted_whole_disk(loop, tmp_path) -> None:
+    dev = loop(32 * 1024**2)
+    _run("mkfs.ext4", "-q", "-F", dev)
+    disk = disks.explicit_disk(dev)
+    disks.check_not_busy(disk)  # not yet mounted: fine
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _run("mount", dev, str(mnt))
+    try:
+        with pytest.raises(InstallError) as err:
+            disks.check_not_busy(disk)
+        assert err.value.message == messages.disk_busy(dev, f"{dev} mounted on {mnt}")
+        with pytest.raises(InstallError, match="is busy"):
+            disks.select_target(dev, {})
+    finally:
+        _run("umount", str(mnt))
+    disks.check_not_busy(disk)
+
+
+@pytest.mark.root
+@needs_root
+def test_busy_mounted_partition_and_swap(partitioned_loop, tmp_path) -> None:
+    dev = partitioned_loop
+    disk = disks.explicit_disk(dev)
+    assert disk.partitions == (f"{dev[5:]}p1", f"{dev[5:]}p2")
+    _run("mkswap", dev + "p1")
+    _run("mkfs.ext4", "-q", "-F", dev + "p2")
+    disks.check_not_busy(disk)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _run("swapon", dev + "p1")
+    try:
+        with pytest.raises(InstallError) as err:
+            disks.check_not_busy(disk)
+        assert f"active swap on {dev}p1" in err.value.message
+        _run("mount", dev + "p2", str(mnt))
+        try:
+            with pytest.raises(InstallError) as err:
+                disks.check_not_busy(disk)
+            assert f"{dev}p2 mounted on {mnt}" in err.value.message
+            assert f"active swap on {dev}p1" in err.value.message
+        finally:
+            _run("umount", str(mnt))
+    finally:
+        _run("swapoff", dev + "p1")
+    disks.check_not_busy(disk)
+
+
+@pytest.mark.root
+@needs_root
+def test_busy_exclusively_opened_by_another_process(loop) -> None:
+    dev = loop(8 * 1024**2)
+    disk = disks.explicit_disk(dev)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n",
+            dev,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InstallError) as err:
+            disks.check_not_busy(disk)
+        assert err.value.message.startswith(
+            messages.disk_busy(dev, f"opened exclusively by pid {holder.pid} (python")[:-1]
+        )
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    disks.check_not_busy(disk)
