@@ -52,6 +52,9 @@ def read_config_drive(disk: str) -> None:
     for root, _dirs, files in iso.walk(rr_path="/"):
         for name in files:
             path = f"{root.rstrip('/')}/{name}"
+            if not path.startswith("/openstack/latest/"):
+                print(f"--- {path} (same as in latest)")
+                continue
             out = io.BytesIO()
             iso.get_file_from_iso_fp(out, rr_path=path)
             print(f"--- {path}")
