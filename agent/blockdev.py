@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 BLKRRPART = 0x125F
 BLKSSZGET = 0x1268
 BLKPBSZGET = 0x127B
+BLKFLSBUF = 0x1261
 BLKGETSIZE64 = 0x80081272
 
 MiB = 1024**2
@@ -207,6 +208,10 @@ def _zero(path: str, regions: list[Region]) -> None:
                     raise OSError(errno.EIO, f"short write at {offset + done}")
                 done += written
         os.fsync(fd)
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            # Drop the device's page cache: the image is written with O_DIRECT next, and no
+            # page cached before it (ours, or a reader's) may shadow what reaches the disk.
+            fcntl.ioctl(fd, BLKFLSBUF)
     finally:
         os.close(fd)
 

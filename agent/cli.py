@@ -243,7 +243,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # exits 2 on misuse
-    _setup_logging(args.verbose)
+    # A service's log is its only trace: serve logs at INFO; the CLI keeps stderr for progress.
+    _setup_logging(args.verbose + (1 if args.command == "serve" else 0))
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:

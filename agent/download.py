@@ -467,7 +467,7 @@ class _Job:
                 self._take(chunk)
             if self.total is not None and self.done != self.total:
                 raise _Transient(f"body ended at byte {self.done} of {self.total}")
-            if False:
+            if self.total is not None and _has_excess(response):
                 raise _Final(f"the server sent more than its Content-Length of {self.total}")
         self._progress(force=True)
 

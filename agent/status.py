@@ -134,6 +134,11 @@ class InstallStatus:
 
     # --- the writer (the pipeline) -------------------------------------------------------------
     def begin(self) -> None:
+        """Mark the install as running (idempotent: the API begins before the pipeline does)."""
+        with self._lock:
+            if self.started is not None and self.state == StepState.DOING:
+                return
+
         def apply() -> None:
             self.state = StepState.DOING
             self.started = time.monotonic()

@@ -754,3 +754,56 @@ def test_full_install_through_the_api(
     assert '"POST /install/start HTTP/1.1" 202' in log_text  # the access log is on
     assert f"install started for {base_url}/disk.raw" in log_text
     assert TOKEN not in log_text
+
+
+def test_example_orchestrator_client(tmp_path: Path) -> None:
+    """examples/orchestrator_client.py follows an install to its end; exit 0 / 1."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(body()))
+    bad.write_text(json.dumps(body(imageType="iso")))
+
+    def client(url: str, payload: Path) -> subprocess.Popen[str]:
+        script = str(REPO / "examples" / "orchestrator_client.py")
+        return subprocess.Popen(
+            [
+                sys.executable,
+                script,
+                "--agent",
+                url,
+                "--token-file",
+                str(token_file),
+                "--payload",
+                str(payload),
+                "--interval",
+                "0.05",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    for runner, code, last in (
+        (GatedRunner(), 0, msg.install_done("/dev/test")),
+        (GatedRunner(fail_at="configdrive"), 1, msg.GPT_MOVE_FAILED),
+    ):
+        app = create_app(settings(), runner, options=object())
+        with running(app, settings()) as url:
+            proc = client(url, good)
+            assert proc.stdout is not None
+            lines = []
+            for line in proc.stdout:  # the install is held in "write" until the client shows it
+                lines.append(line.strip())
+                if "Writing image on disk 50%" in line:
+                    runner.gate.set()
+            assert proc.wait(30) == code, lines
+            assert runner.gate.is_set(), lines
+            assert lines[-1] == last
+            refused = client(url, bad)
+            out, _ = refused.communicate(timeout=30)
+            assert refused.returncode == 1
+            assert out.strip().endswith(msg.BAD_FORMAT)
+        runner.gate.set()
+    unreachable = client("http://127.0.0.1:9", good)
+    unreachable.communicate(timeout=30)
+    assert unreachable.returncode == 2

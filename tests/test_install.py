@@ -112,8 +112,9 @@ def assert_partitions_equal(raw: Path, disk: str) -> None:
 def test_install_success(tmp_path, http_dir, make_loop, fmt, table, algo) -> None:
     www, base_url = http_dir
     image = build_image(www / f"img.{fmt}", fmt=fmt, table=table)
-    raw = build_image(tmp_path / "reference.raw", fmt="raw", table=table)
-    if fmt == "qcow2":  # the reference is the qcow2's own content, not a rebuild
+    raw = image  # the reference is the served image's own content
+    if fmt == "qcow2":
+        raw = tmp_path / "reference.raw"
         subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)],
                        check=True)
     digest = hashlib.new(algo, image.read_bytes()).hexdigest()
@@ -223,18 +224,32 @@ def test_too_big_for_memory(tmp_path, http_dir, make_loop) -> None:
                     "Could not download, raw image is too big to download in memory.")
 
 
-def test_cant_write_corrupt_qcow2(tmp_path, http_dir, make_loop) -> None:
-    """A qcow2 whose L1 table points outside the file: qemu-img convert fails mid-write."""
-    import struct
-
+def test_cant_write_failing_disk(tmp_path, http_dir) -> None:
+    """A disk that fails mid-write: a loop device whose backing store runs out of space
+    (an 8 MiB tmpfs behind a 128 MiB disk), so writes past that fail with I/O errors."""
     www, base_url = http_dir
-    image = build_image(www / "bad.qcow2", size_mib=24)
-    data = bytearray(image.read_bytes())
-    (l1_offset,) = struct.unpack_from(">Q", data, 40)
-    struct.pack_into(">Q", data, l1_offset, (1 << 63) | (1 << 50))
-    image.write_bytes(bytes(data))
-    _expect_failure(tmp_path, payload(f"{base_url}/bad.qcow2", "qcow2"), make_loop(DISK),
-                    "Can't write qcow2 on disk.", untouched=False)
+    raw = build_image(tmp_path / "img.raw", fmt="raw", size_mib=48)
+    with open(raw, "r+b") as f:  # incompressible data that must really reach the disk
+        f.seek(20 * MiB)
+        f.write(os.urandom(16 * MiB))
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
+                    str(www / "img.qcow2")], check=True)
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(store)], check=True)
+    disk = None
+    try:
+        backing = store / "disk.img"
+        with open(backing, "wb") as f:
+            f.truncate(DISK)
+        disk = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        _expect_failure(tmp_path, payload(f"{base_url}/img.qcow2", "qcow2"), disk,
+                        "Can't write qcow2 on disk.", untouched=False)
+    finally:
+        if disk:
+            subprocess.run(["losetup", "-d", disk], capture_output=True)
+        subprocess.run(["umount", "-l", str(store)], capture_output=True)
 
 
 def test_gpt_cannot_be_moved(tmp_path, http_dir, make_loop) -> None:
@@ -252,9 +267,15 @@ def test_gpt_cannot_be_moved(tmp_path, http_dir, make_loop) -> None:
 
 
 def test_no_room_for_config_drive(tmp_path, http_dir, make_loop) -> None:
-    """An image exactly as large as the disk leaves no space for the config drive."""
+    """An MBR image with four primary partitions leaves no slot for the config drive."""
     www, base_url = http_dir
-    build_image(www / "full.raw", fmt="raw", table="dos", size_mib=48)
+    image = build_image(www / "full.raw", fmt="raw", table="dos", size_mib=48)
+    # four primaries, the last one up to the end of the image (which is the disk's size)
+    script = ("label: dos\nstart=2048, size=32768, type=ef, bootable\n"
+              "start=34816, size=59392, type=83\nstart=94208, size=2048, type=83\n"
+              "start=96256, type=83\n")
+    subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", str(image)], input=script,
+                   text=True, check=True, capture_output=True)
     _expect_failure(tmp_path, payload(f"{base_url}/full.raw", "raw"), make_loop(48 * MiB),
                     msg.CONFIGDRIVE_FAILED, untouched=False)
 

@@ -1,0 +1,159 @@
+"""Benchmark: the agent's download+verify against curl, from a real nginx on 127.0.0.1.
+
+Not a test: it prints figures. One run alternates, round after round, ``curl -o`` into tmpfs and
+the agent's download (+ checksum verify) for sha256, md5 and sha512 into tmpfs. Each agent run is
+a child process so that its peak RSS (VmHWM) is its own.
+
+    .venv/bin/python -m bench.bench_download [--size-mib 1024] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.nginx_server import nginx
+
+HASHES = ("sha256", "md5", "sha512")
+MiB = 1024 * 1024
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def child(url: str, dest: str, ctype: str, expected: str, read_kib: int, queue_mib: int) -> None:
+    """One agent download in this (child) process; prints a JSON line."""
+    from agent import checksum, memory
+    from agent.download import DownloadSettings, download
+
+    settings = DownloadSettings(read_size=read_kib * 1024, hash_queue_bytes=queue_mib * MiB)
+    t0 = time.perf_counter()
+    result = download(
+        url,
+        Path(dest),
+        headers={},
+        image_type="raw",
+        checksum_type=ctype,
+        memory_budget=memory.image_budget(),
+        settings=settings,
+    )
+    assert result.digest is not None
+    checksum.verify(ctype, result.digest, expected)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "size": result.size, "hwm": _vm_hwm()}))
+
+
+def hash_speed(name: str, total: int = 1024 * MiB, block: int = 64 * MiB) -> float:
+    """Single-core hashlib speed on in-memory buffers, MB/s."""
+    buf = os.urandom(block)
+    h = hashlib.new(name)
+    t0 = time.perf_counter()
+    for _ in range(total // block):
+        h.update(buf)
+    return total / (time.perf_counter() - t0) / 1e6
+
+
+def make_file(path: Path, size: int) -> dict[str, str]:
+    hashers = {name: hashlib.new(name) for name in HASHES}
+    block = os.urandom(16 * MiB)
+    with open(path, "wb") as f:
+        for i in range(size // len(block)):
+            # vary every block so that no layer can get away with dedup/compression
+            chunk = i.to_bytes(8, "little") + block[8:]
+            f.write(chunk)
+            for h in hashers.values():
+                h.update(chunk)
+    return {name: h.hexdigest() for name, h in hashers.items()}
+
+
+def run_curl(url: str, dest: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["curl", "-sS", "--fail", "-o", str(dest), url], check=True, timeout=600)
+    return time.perf_counter() - t0
+
+
+def run_agent(url: str, dest: Path, ctype: str, expected: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "bench.bench_download", "--child", url, str(dest), ctype, expected]
+    cmd += ["--read-kib", str(args.read_kib), "--queue-mib", str(args.queue_mib)]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, cwd=repo)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt(values: list[float]) -> str:
+    return (
+        f"min {min(values):7.0f}  median {statistics.median(values):7.0f}  max {max(values):7.0f}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size-mib", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--read-kib", type=int, default=256)
+    p.add_argument("--queue-mib", type=int, default=32)
+    p.add_argument("--child", nargs=4, metavar=("URL", "DEST", "TYPE", "EXPECTED"))
+    args = p.parse_args()
+    if args.child:
+        child(*args.child, args.read_kib, args.queue_mib)
+        return
+
+    size = args.size_mib * MiB
+    with tempfile.TemporaryDirectory(prefix="bench-dl-", dir="/dev/shm") as tmp:
+        root, out = Path(tmp) / "www", Path(tmp) / "out"
+        root.mkdir()
+        out.mkdir()
+        for d in (Path(tmp), root):  # nginx workers run as an unprivileged user
+            d.chmod(0o755)
+        print(f"generating {args.size_mib} MiB ...", flush=True)
+        digests = make_file(root / "image.raw", size)
+        speeds = {name: hash_speed(name) for name in HASHES}
+        mbps: dict[str, list[float]] = {k: [] for k in ("curl", *HASHES)}
+        hwm: list[int] = []
+        with nginx(root) as base:
+            url = f"{base}/image.raw"
+            for r in range(args.rounds):
+                order = ["curl", *HASHES]
+                order = order[r % len(order) :] + order[: r % len(order)]  # alternate who goes first
+                for what in order:
+                    dest = out / f"{what}.raw"
+                    if what == "curl":
+                        seconds = run_curl(url, dest)
+                        got = dest.stat().st_size
+                    else:
+                        res = run_agent(url, dest, what, digests[what], args)
+                        seconds, got = res["seconds"], res["size"]
+                        hwm.append(res["hwm"])
+                    assert got == size, (what, got)
+                    dest.unlink()
+                    mbps[what].append(size / seconds / 1e6)
+                    print(f"round {r + 1} {what:7s} {mbps[what][-1]:7.0f} MB/s", flush=True)
+
+    print()
+    print(f"file {args.size_mib} MiB, {args.rounds} rounds, nginx 127.0.0.1 -> /dev/shm, MB/s")
+    print(f"read size {args.read_kib} KiB, hash queue {args.queue_mib} MiB, {os.cpu_count()} CPUs")
+    med_curl = statistics.median(mbps["curl"])
+    print(f"curl -o           {fmt(mbps['curl'])}")
+    for name in HASHES:
+        med = statistics.median(mbps[name])
+        print(
+            f"agent {name:7s}     {fmt(mbps[name])}   agent/curl {med / med_curl:4.2f}"
+            f"   {name} alone {speeds[name]:6.0f} MB/s (agent/hash {med / speeds[name]:4.2f})"
+        )
+    print(f"agent peak RSS (VmHWM): max {max(hwm) / MiB:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
