@@ -42,7 +42,15 @@ def make_loop(tmp_path: Path) -> Iterator[Callable[..., str]]:
 
     yield make
     for dev in attached:
-        subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
+        release_loop(dev)
+
+
+def release_loop(dev: str) -> None:
+    """Detach a loop device, first dropping partitions that ``partx -a`` may have added (this
+    kernel keeps them after ``losetup -d``) and the page cache of the device."""
+    subprocess.run(["partx", "-d", dev], capture_output=True, timeout=60)
+    subprocess.run(["blockdev", "--flushbufs", dev], capture_output=True, timeout=60)
+    subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
