@@ -17,6 +17,7 @@ import logging
 import re
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pycdlib
@@ -33,6 +34,7 @@ FAT_LABEL = "CONFIG-2"
 MIB = 1024 * 1024
 MAX_DRIVE = 64 * MIB
 DMI_UUID = Path("/sys/class/dmi/id/product_uuid")
+SYS_CLASS_NET = Path("/sys/class/net")
 DEFAULT_HOSTNAME_PREFIX = "byoi"
 
 # Every dated version cloud-init 22.x-24.x knows (it picks the newest one present), plus
@@ -93,22 +95,75 @@ def build_meta_data(request: InstallRequest, instance_uuid: str) -> dict:
     }
 
 
-def build_tree(request: InstallRequest, *, instance_uuid: str | None = None) -> dict[str, bytes]:
+@dataclass(frozen=True)
+class Nic:
+    name: str
+    mac: str
+    mtu: int | None = None
+
+
+def physical_nics(sys_class_net: Path = SYS_CLASS_NET) -> list[Nic]:
+    """The server's physical NICs as the rescue system sees them (those backed by a device)."""
+    nics = []
+    for entry in sorted(sys_class_net.glob("*")):
+        if not (entry / "device").exists():
+            continue  # lo, bridges, tunnels, veth
+        try:
+            mac = (entry / "address").read_text().strip().lower()
+            mtu_text = (entry / "mtu").read_text().strip()
+        except OSError:
+            continue
+        if not mac or mac == "00:00:00:00:00:00":
+            continue
+        nics.append(Nic(entry.name, mac, int(mtu_text) if mtu_text.isdigit() else None))
+    return nics
+
+
+def build_network_data(nics: list[Nic]) -> dict | None:
+    """``network_data.json``: DHCP (v4) on every physical NIC, matched by MAC address.
+
+    The installed OS names its NICs differently from the rescue system, so links are keyed by
+    MAC, which cloud-init maps to its own names. With no NIC known, no file is written: an empty
+    ``{"links": []}`` would make cloud-init configure nothing instead of its DHCP fallback.
+    """
+    if not nics:
+        return None
+    links, networks = [], []
+    for index, nic in enumerate(nics):
+        link = {"id": f"nic{index}", "type": "phy", "ethernet_mac_address": nic.mac}
+        if nic.mtu:
+            link["mtu"] = nic.mtu
+        links.append(link)
+        networks.append(
+            {"id": f"network{index}", "type": "ipv4_dhcp", "link": f"nic{index}",
+             "network_id": str(uuid.uuid5(uuid.NAMESPACE_OID, nic.mac))}
+        )
+    return {"links": links, "networks": networks, "services": []}
+
+
+def build_tree(
+    request: InstallRequest,
+    *,
+    instance_uuid: str | None = None,
+    nics: list[Nic] | None = None,
+) -> dict[str, bytes]:
     """Every file of the drive, relative path -> content.
 
-    No ``network_data.json`` is written: cloud-init turns even an empty one
-    (``{"links": [], ...}``) into an empty network configuration, which leaves every NIC
-    unconfigured; without it cloud-init falls back to DHCP on the first connected NIC, which is
-    what a rescue-installed server needs. ``user_data`` exists only when the request has some.
+    ``nics`` defaults to the server's physical NICs; ``network_data.json`` is written only when
+    there are some (see ``build_network_data``). ``user_data`` exists only when the request
+    has some.
     """
     iid = instance_uuid or system_uuid() or str(uuid.uuid4())
     meta = _json(build_meta_data(request, iid))
     vendor = _json({})
+    network = build_network_data(physical_nics() if nics is None else nics)
     tree: dict[str, bytes] = {}
     for version in VERSIONS:
         base = f"openstack/{version}"
         tree[f"{base}/meta_data.json"] = meta
         tree[f"{base}/vendor_data.json"] = vendor
+        if network is not None and version >= "2015-10-15":  # network_data's first version
+            tree[f"{base}/network_data.json"] = _json(network)
         if request.user_data is not None:
             tree[f"{base}/user_data"] = request.user_data
     return tree
@@ -227,14 +282,16 @@ def build_fat(tree: dict[str, bytes], out: Path, *, sector_size: int = 4096) -> 
     return out
 
 
-def build_drive(request: InstallRequest, out: Path, *, sector_size: int = 512) -> Path:
+def build_drive(
+    request: InstallRequest, out: Path, *, sector_size: int = 512, nics: list[Nic] | None = None
+) -> Path:
     """Build the drive image file for a disk with ``sector_size``-byte logical sectors.
 
     Also what ``byoi-agent configdrive --payload FILE --output FILE`` runs.
     """
     if sector_size < 512 or sector_size & (sector_size - 1):
         raise InstallError(messages.CONFIGDRIVE_FAILED, f"unsupported sector size {sector_size}")
-    tree = build_tree(request)
+    tree = build_tree(request, nics=nics)
     if sector_size == 512:
         build_iso(tree, out)
     else:

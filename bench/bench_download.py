@@ -33,12 +33,12 @@ def _vm_hwm() -> int:
     return -1
 
 
-def child(url: str, dest: str, ctype: str, expected: str, read_kib: int, queue_mib: int) -> None:
+def child(url: str, dest: str, ctype: str, expected: str, read_kib: int, block_mib: int) -> None:
     """One agent download in this (child) process; prints a JSON line."""
     from agent import checksum, memory
     from agent.download import DownloadSettings, download
 
-    settings = DownloadSettings(read_size=read_kib * 1024, hash_queue_bytes=queue_mib * MiB)
+    settings = DownloadSettings(read_size=read_kib * 1024, hash_block=block_mib * MiB)
     t0 = time.perf_counter()
     result = download(
         url,
@@ -86,7 +86,7 @@ def run_curl(url: str, dest: Path) -> float:
 
 def run_agent(url: str, dest: Path, ctype: str, expected: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_download", "--child", url, str(dest), ctype, expected]
-    cmd += ["--read-kib", str(args.read_kib), "--queue-mib", str(args.queue_mib)]
+    cmd += ["--read-kib", str(args.read_kib), "--block-mib", str(args.block_mib)]
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, cwd=repo)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -103,11 +103,11 @@ def main() -> None:
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--read-kib", type=int, default=256)
-    p.add_argument("--queue-mib", type=int, default=32)
+    p.add_argument("--block-mib", type=int, default=8)
     p.add_argument("--child", nargs=4, metavar=("URL", "DEST", "TYPE", "EXPECTED"))
     args = p.parse_args()
     if args.child:
-        child(*args.child, args.read_kib, args.queue_mib)
+        child(*args.child, args.read_kib, args.block_mib)
         return
 
     size = args.size_mib * MiB
@@ -126,7 +126,9 @@ def main() -> None:
             url = f"{base}/image.raw"
             for r in range(args.rounds):
                 order = ["curl", *HASHES]
-                order = order[r % len(order) :] + order[: r % len(order)]  # alternate who goes first
+                order = (
+                    order[r % len(order) :] + order[: r % len(order)]
+                )  # alternate who goes first
                 for what in order:
                     dest = out / f"{what}.raw"
                     if what == "curl":
@@ -143,7 +145,7 @@ def main() -> None:
 
     print()
     print(f"file {args.size_mib} MiB, {args.rounds} rounds, nginx 127.0.0.1 -> /dev/shm, MB/s")
-    print(f"read size {args.read_kib} KiB, hash queue {args.queue_mib} MiB, {os.cpu_count()} CPUs")
+    print(f"read size {args.read_kib} KiB, hash block {args.block_mib} MiB, {os.cpu_count()} CPUs")
     med_curl = statistics.median(mbps["curl"])
     print(f"curl -o           {fmt(mbps['curl'])}")
     for name in HASHES:

@@ -7,12 +7,12 @@ recorded (path, headers) so tests can check what the client sent and how often i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import socket
 import socketserver
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -109,14 +109,14 @@ class BadServer:
         except OSError:
             pass  # the client went away: that is often the point
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
 
 def send_head(sock: socket.socket, status: str, headers: dict[str, str | int]) -> None:
+    # Every connection serves one request: say so, or clients race to reuse a closed socket.
+    headers = {"Connection": "close", **headers}
     lines = [f"HTTP/1.1 {status}"] + [f"{k}: {v}" for k, v in headers.items()]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 

@@ -58,12 +58,12 @@ def test_tree_layout_and_meta_data() -> None:
         ("configDriveUserData", CLOUD_CONFIG),
         ("configDriveMetadata", json.dumps({"role": "web", "tier": "1"})),
     )
-    tree = configdrive.build_tree(req, instance_uuid=UUID)
+    tree = configdrive.build_tree(req, instance_uuid=UUID, nics=[])
     for version in ("2012-08-10", "2017-02-22", "latest"):
         assert f"openstack/{version}/meta_data.json" in tree
         assert tree[f"openstack/{version}/user_data"] == CLOUD_CONFIG.encode()
         assert json.loads(tree[f"openstack/{version}/vendor_data.json"]) == {}
-    # An empty network_data.json would make cloud-init configure no NIC (see below).
+    # No NIC known: no network_data.json (an empty one would make cloud-init configure no NIC).
     assert not any(p.endswith("network_data.json") for p in tree)
     md = json.loads(tree["openstack/latest/meta_data.json"])
     assert md["uuid"] == UUID
@@ -137,7 +137,7 @@ EXPECTED_META = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cloudinit_reads_the_drive(cloudinit, tmp_path: Path, case: str, sector_size: int) -> None:
     req = install_start(*CASES[case])
-    out = configdrive.build_drive(req, tmp_path / "drive.img", sector_size=sector_size)
+    out = configdrive.build_drive(req, tmp_path / "drive.img", sector_size=sector_size, nics=[])
     assert out.stat().st_size <= configdrive.MAX_DRIVE
     probe = blkid(out)
     if sector_size == 512:
@@ -180,8 +180,32 @@ def test_instance_id_is_the_dmi_uuid(cloudinit, tmp_path: Path, monkeypatch) -> 
     assert seen["instance_id"].lower() == dmi.read_text().strip().lower()
 
 
+def test_network_data_dhcp_on_every_physical_nic(cloudinit, tmp_path: Path) -> None:
+    """The server's own NICs (matched by MAC) get DHCP from cloud-init's network config."""
+    nics = configdrive.physical_nics()
+    if not nics:
+        pytest.skip("this machine has no physical NIC in /sys/class/net")
+    fake = tmp_path / "net"
+    (fake / "eth9" / "device").mkdir(parents=True)
+    (fake / "eth9" / "address").write_text(nics[0].mac.upper() + "\n")
+    (fake / "eth9" / "mtu").write_text("9000\n")
+    (fake / "lo").mkdir()
+    (fake / "lo" / "address").write_text("00:00:00:00:00:00\n")
+    assert configdrive.physical_nics(fake) == [configdrive.Nic("eth9", nics[0].mac, 9000)]
+    tree = configdrive.build_tree(install_start(), instance_uuid=UUID, nics=nics[:1])
+    assert "openstack/2012-08-10/network_data.json" not in tree
+    assert "openstack/latest/network_data.json" in tree
+    out = configdrive.build_drive(install_start(), tmp_path / "drive.iso", nics=nics[:1])
+    seen = read_with_cloudinit(cloudinit, extract_iso(out, tmp_path / "tree"), tmp_path / "ci")
+    config = seen["network_config"]
+    assert config["version"] == 1
+    physical = [c for c in config["config"] if c["type"] == "physical"]
+    assert [c["mac_address"] for c in physical] == [nics[0].mac]
+    assert physical[0]["subnets"] == [{"type": "dhcp4"}]
+
+
 def test_empty_network_data_would_leave_nics_unconfigured(cloudinit) -> None:
-    """Why no network_data.json is written: cloud-init applies this empty config as is
+    """Why no network_data.json is written without NICs: cloud-init applies this empty config as is
     (a non-empty dict, not 'disabled'), instead of its DHCP fallback."""
     converted = cloudinit.openstack.convert_net_json(
         {"links": [], "networks": [], "services": []}, known_macs={}

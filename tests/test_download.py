@@ -384,7 +384,9 @@ def test_authorization_never_logged(
     server: BadServer, out: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req, cut_at=1000 if n == 1 else None)
+    server.routes["/img"] = lambda s, sock, req, n: serve(
+        s, sock, req, cut_at=1000 if n == 1 else None
+    )
     fetch(server.url("/img"), out, headers={"Authorization": BASIC})
     assert server.count("/img") == 2
     assert BASIC.split()[1] not in caplog.text
@@ -514,5 +516,3 @@ def test_backoff_is_full_jitter_and_capped() -> None:
     assert all(0 <= v <= 8.0 for v in values)
     assert max(values[10:]) > 4.0  # grows to the cap
     assert all(v <= 1.0 for v in (backoff_delay(1, 1.0, 8.0, rng) for _ in range(50)))
-
-
