@@ -41,6 +41,19 @@ def create_boot_entry(disk: str, path: str, label: str = "byoi") -> int:
     part = find_esp(table)
     if part is None:
         raise RuntimeError(f"no EFI system partition on {disk}")
-    run(["efibootmgr", "--create", "--disk", disk, "--part", str(part), "--label", label,
-         "--loader", loader_path(path)], timeout=60)
+    run(
+        [
+            "efibootmgr",
+            "--create",
+            "--disk",
+            disk,
+            "--part",
+            str(part),
+            "--label",
+            label,
+            "--loader",
+            loader_path(path),
+        ],
+        timeout=60,
+    )
     return part

@@ -33,11 +33,20 @@ def _parser() -> argparse.ArgumentParser:
 
     def target_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--disk", help="target device; overrides discovery (safety checks stay)")
-        p.add_argument("--hint", action="append", default=[], metavar="KEY=VALUE",
-                       help="root device hint (name, serial, wwn, model, vendor, size, "
-                            "rotational, by_path); repeatable, all must match")
-        p.add_argument("--workdir", type=Path, default=None,
-                       help="where the tmpfs download area is made (default /run/byoi-agent)")
+        p.add_argument(
+            "--hint",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="root device hint (name, serial, wwn, model, vendor, size, "
+            "rotational, by_path); repeatable, all must match",
+        )
+        p.add_argument(
+            "--workdir",
+            type=Path,
+            default=None,
+            help="where the tmpfs download area is made (default /run/byoi-agent)",
+        )
 
     p = sub.add_parser("install", help="run one install")
     p.add_argument("--payload", required=True, help="request JSON file, or - for stdin")
@@ -51,8 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configdrive", help="build the config-drive image alone")
     p.add_argument("--payload", required=True)
     p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--sector-size", type=int, choices=(512, 4096), default=512,
-                   help="512: ISO 9660 (config-2); 4096: FAT (CONFIG-2)")
+    p.add_argument(
+        "--sector-size",
+        type=int,
+        choices=(512, 4096),
+        default=512,
+        help="512: ISO 9660 (config-2); 4096: FAT (CONFIG-2)",
+    )
 
     p = sub.add_parser("serve", help="serve the HTTP API for an orchestrator")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
@@ -166,8 +180,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     ok = False
     try:
         request = parse_request(body)
-        options = InstallOptions(disk=args.disk, hints=hints,
-                                 workdir=args.workdir or DEFAULT_WORKDIR)
+        options = InstallOptions(
+            disk=args.disk, hints=hints, workdir=args.workdir or DEFAULT_WORKDIR
+        )
         ok = run_install(request, options, status)
     except InstallError as exc:  # refused before the pipeline ran: validation
         status.begin()
@@ -177,9 +192,14 @@ def cmd_install(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print(snap["message"], file=sys.stderr, flush=True)
     if args.json:
-        result = {"status": "done" if ok else "error", "message": snap["message"],
-                  "step": snap["step"], "disk": snap["disk"], "warnings": snap["warnings"],
-                  "elapsedTime": snap["elapsedTime"]}
+        result = {
+            "status": "done" if ok else "error",
+            "message": snap["message"],
+            "step": snap["step"],
+            "disk": snap["disk"],
+            "warnings": snap["warnings"],
+            "elapsedTime": snap["elapsedTime"],
+        }
         print(json.dumps(result), flush=True)
     return 0 if ok else 1
 
@@ -196,8 +216,11 @@ def cmd_disks(args: argparse.Namespace) -> int:
         print(f"{disk['path']:<16} {_human(disk['size']):>10}  {verdict}: {disk['reason']}")
     chosen = report.get("chosen")
     why = report.get("reason", "")
-    print(f"chosen: {chosen}" + (f" ({why})" if chosen and why else "") if chosen
-          else f"chosen: none{f' ({why})' if why else ''}")
+    print(
+        f"chosen: {chosen}" + (f" ({why})" if chosen and why else "")
+        if chosen
+        else f"chosen: none{f' ({why})' if why else ''}"
+    )
     return 0
 
 

@@ -135,8 +135,12 @@ def build_network_data(nics: list[Nic]) -> dict | None:
             link["mtu"] = nic.mtu
         links.append(link)
         networks.append(
-            {"id": f"network{index}", "type": "ipv4_dhcp", "link": f"nic{index}",
-             "network_id": str(uuid.uuid5(uuid.NAMESPACE_OID, nic.mac))}
+            {
+                "id": f"network{index}",
+                "type": "ipv4_dhcp",
+                "link": f"nic{index}",
+                "network_id": str(uuid.uuid5(uuid.NAMESPACE_OID, nic.mac)),
+            }
         )
     return {"links": links, "networks": networks, "services": []}
 

@@ -132,8 +132,21 @@ def _guest_head(path: Path, fmt: str, size: int = 8192) -> bytes:
             return f.read(size)
     out = path.with_name(path.name + ".head")
     try:
-        run(["qemu-img", "dd", "-f", fmt, "-O", "raw", "bs=512", f"count={size // 512}",
-             f"if={path}", f"of={out}"], timeout=60)
+        run(
+            [
+                "qemu-img",
+                "dd",
+                "-f",
+                fmt,
+                "-O",
+                "raw",
+                "bs=512",
+                f"count={size // 512}",
+                f"if={path}",
+                f"of={out}",
+            ],
+            timeout=60,
+        )
         return out.read_bytes()
     finally:
         out.unlink(missing_ok=True)
@@ -142,9 +155,7 @@ def _guest_head(path: Path, fmt: str, size: int = 8192) -> bytes:
 def describe_contents(path: Path) -> str:
     """What a raw image without a partition table seems to hold, for the error message."""
     proc = run(["blkid", "-p", "-o", "export", str(path)], check=False, timeout=30)
-    fields = dict(
-        line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line
-    )
+    fields = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     if fields.get("TYPE"):
         label = f" labelled {fields['LABEL']}" if fields.get("LABEL") else ""
         return f"{fields['TYPE']} filesystem{label}"

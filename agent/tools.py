@@ -20,7 +20,11 @@ class ToolError(Exception):
 
 
 def run(
-    args: Sequence[str], *, timeout: float = 120, check: bool = True, input_bytes: bytes | None = None
+    args: Sequence[str],
+    *,
+    timeout: float = 120,
+    check: bool = True,
+    input_bytes: bytes | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a tool and return its completed process (text output)."""
     log.debug("run: %s", " ".join(args))

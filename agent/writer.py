@@ -47,8 +47,7 @@ def write_image(
         if "O_DIRECT" not in first.detail and "Invalid argument" not in first.detail:
             raise
         log.warning("direct I/O refused on %s, retrying with buffered writes", target)
-        _convert(convert_args(image, fmt, target, direct=False), virtual_size, on_progress,
-                 timeout)
+        _convert(convert_args(image, fmt, target, direct=False), virtual_size, on_progress, timeout)
     fd = os.open(target, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -39,8 +39,11 @@ def read_config_drive(disk: str) -> None:
 
     import pycdlib
 
-    table = json.loads(subprocess.run(["sfdisk", "--json", disk], capture_output=True,
-                                      text=True, check=True).stdout)["partitiontable"]
+    table = json.loads(
+        subprocess.run(
+            ["sfdisk", "--json", disk], capture_output=True, text=True, check=True
+        ).stdout
+    )["partitiontable"]
     sector = table.get("sectorsize", 512)
     last = table["partitions"][-1]
     with open(disk, "rb") as f:
@@ -84,8 +87,9 @@ def main() -> int:
         backing = tmpdir / "disk.img"
         with open(backing, "wb") as f:
             f.truncate(DISK_SIZE)
-        disk = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        disk = subprocess.run(
+            ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         print(f"virtual disk: {disk} ({DISK_SIZE} bytes, sparse file)")
         try:
             payload = {
@@ -97,8 +101,10 @@ def main() -> int:
                     {"key": "imageCheckSum", "value": digest},
                     {"key": "imageCheckSumType", "value": "sha256"},
                     {"key": "sshKey", "value": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDemoKey demo"},
-                    {"key": "configDriveUserData",
-                     "value": "#cloud-config\\nruncmd:\\n  - echo hello from byoi > /root/hi\\n"},
+                    {
+                        "key": "configDriveUserData",
+                        "value": "#cloud-config\\nruncmd:\\n  - echo hello from byoi > /root/hi\\n",
+                    },
                     {"key": "configDriveMetadata", "value": json.dumps({"role": "demo"})},
                 ],
             }
@@ -106,9 +112,22 @@ def main() -> int:
             payload_file.write_text(json.dumps(payload, indent=2))
             banner(f"byoi-agent install --payload payload.json --disk {disk} --json")
             proc = subprocess.run(
-                [sys.executable, "-m", "agent", "install", "--payload", str(payload_file),
-                 "--disk", disk, "--workdir", str(tmpdir / "work"), "--json"],
-                capture_output=True, text=True, timeout=600,
+                [
+                    sys.executable,
+                    "-m",
+                    "agent",
+                    "install",
+                    "--payload",
+                    str(payload_file),
+                    "--disk",
+                    disk,
+                    "--workdir",
+                    str(tmpdir / "work"),
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
             sys.stdout.write(proc.stderr)
             print(f"stdout: {proc.stdout.strip()}")

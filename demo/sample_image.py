@@ -42,10 +42,17 @@ def build_raw(
         f.truncate(size_mib * MiB)
     ss = sector_size
     if table == "gpt":
-        args = ["sgdisk", "-o",
-                f"-n1:{esp_start // ss}:{(root_start // ss) - 1}", "-t1:ef00", "-c1:EFI",
-                f"-n2:{root_start // ss}:{(root_start + root_size) // ss - 1}", "-t2:8300",
-                "-c2:root", str(path)]
+        args = [
+            "sgdisk",
+            "-o",
+            f"-n1:{esp_start // ss}:{(root_start // ss) - 1}",
+            "-t1:ef00",
+            "-c1:EFI",
+            f"-n2:{root_start // ss}:{(root_start + root_size) // ss - 1}",
+            "-t2:8300",
+            "-c2:root",
+            str(path),
+        ]
         if ss != 512:
             raise ValueError("4Kn sample images are built on a 4096-byte loop device")
         _run(*args)
@@ -54,8 +61,13 @@ def build_raw(
             f"label: dos\nstart={esp_start // 512}, size={esp_size // 512}, type=ef, bootable\n"
             f"start={root_start // 512}, size={root_size // 512}, type=83\n"
         )
-        subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", str(path)],
-                       input=script.encode(), check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            ["sfdisk", "--no-reread", "--no-tell-kernel", str(path)],
+            input=script.encode(),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     else:
         raise ValueError(table)
     with tempfile.TemporaryDirectory() as tmp:

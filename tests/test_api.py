@@ -536,7 +536,7 @@ def test_callbacks_follow_the_install_and_shutdown_waits(runner: GatedRunner) ->
         assert orch.received[-1]["message"] == msg.install_done("/dev/test")
         sequences = [b["sequence"] for b in orch.received]
         assert sequences == sorted(sequences)
-        assert len(orch.steps()) == 2 + 2 * len(STEP_KEYS) + 1  # + the API's own begin()
+        assert len(orch.steps()) == 2 + 2 * len(STEP_KEYS)  # begin, each step twice, finish
         assert app.state.callbacks.stats.abandoned == 0
     finally:
         orch.stop()

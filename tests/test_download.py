@@ -516,3 +516,25 @@ def test_backoff_is_full_jitter_and_capped() -> None:
     assert all(0 <= v <= 8.0 for v in values)
     assert max(values[10:]) > 4.0  # grows to the cap
     assert all(v <= 1.0 for v in (backoff_delay(1, 1.0, 8.0, rng) for _ in range(50)))
+
+
+# --- proxies ------------------------------------------------------------------------------------
+
+
+def test_http_proxy_is_used(server: BadServer, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bad server plays the proxy: it receives the absolute URL as the request target.
+    server.routes["http://image.example.invalid/img"] = lambda s, sock, req, n: serve(s, sock, req)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url(""))
+    assert_ok(fetch("http://image.example.invalid/img", out), out)
+    assert server.requests[0].path == "http://image.example.invalid/img"
+
+
+def test_no_proxy_bypasses_proxy(
+    server: BadServer, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert_ok(fetch(server.url("/img"), out), out)

@@ -20,7 +20,8 @@ from demo.sample_image import build_image
 
 
 def qemu_img(*args: str) -> None:
-    subprocess.run(["qemu-img", *args], check=True, capture_output=True, timeout=60)
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def refused(path: Path, declared: str) -> str:
@@ -42,11 +43,27 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["backing"] = d / "overlay.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", str(out["qcow2"]), "-F", "qcow2", str(out["backing"]))
     out["datafile"] = d / "external.qcow2"
-    qemu_img("create", "-f", "qcow2", "-o", f"data_file={d / 'external.data'}",
-             str(out["datafile"]), "16M")
+    qemu_img(
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        f"data_file={d / 'external.data'}",
+        str(out["datafile"]),
+        "16M",
+    )
     out["encrypted"] = d / "enc.qcow2"
-    qemu_img("create", "--object", "secret,id=sec0,data=pw", "-f", "qcow2",
-             "-o", "encrypt.format=luks,encrypt.key-secret=sec0", str(out["encrypted"]), "16M")
+    qemu_img(
+        "create",
+        "--object",
+        "secret,id=sec0,data=pw",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        str(out["encrypted"]),
+        "16M",
+    )
     out["ext4"] = d / "fs.raw"
     with open(out["ext4"], "wb") as f:
         f.truncate(8 << 20)

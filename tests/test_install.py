@@ -26,22 +26,30 @@ DISK = 128 * MiB
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True,
-                          input=stdin, timeout=300, cwd=Path(__file__).parent.parent)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
 
 
 def payload(url: str, image_type: str, **extra: str) -> dict:
     meta = {"imageURL": url, "imageType": image_type, **extra}
-    return {"templateName": "byoi_64", "details": {"customHostname": "node-1"},
-            "userMetadata": [{"key": k, "value": v} for k, v in meta.items()]}
+    return {
+        "templateName": "byoi_64",
+        "details": {"customHostname": "node-1"},
+        "userMetadata": [{"key": k, "value": v} for k, v in meta.items()],
+    }
 
 
 def install(tmp_path: Path, body: dict, disk: str) -> tuple[subprocess.CompletedProcess, dict]:
     f = tmp_path / "payload.json"
     f.write_text(json.dumps(body))
     work = tmp_path / "work"
-    proc = run_cli("install", "--payload", str(f), "--disk", disk, "--workdir", str(work),
-                   "--json")
+    proc = run_cli("install", "--payload", str(f), "--disk", disk, "--workdir", str(work), "--json")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     last = proc.stderr.strip().splitlines()[-1]
     assert last == result["message"], proc.stderr
@@ -85,14 +93,14 @@ def read_config_drive(disk: str, part: dict, sector: int) -> dict[str, bytes]:
 
 
 def blkid_at(disk: str, offset: int) -> dict[str, str]:
-    out = subprocess.run(["blkid", "-p", "-O", str(offset), "-o", "export", disk],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["blkid", "-p", "-O", str(offset), "-o", "export", disk], capture_output=True, text=True
+    )
     return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
 
 
 def image_partitions(raw: Path) -> list[dict]:
-    out = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)["partitiontable"]["partitions"]
 
 
@@ -115,19 +123,24 @@ def test_install_success(tmp_path, http_dir, make_loop, fmt, table, algo) -> Non
     raw = image  # the reference is the served image's own content
     if fmt == "qcow2":
         raw = tmp_path / "reference.raw"
-        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)],
-                       check=True)
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)], check=True
+        )
     digest = hashlib.new(algo, image.read_bytes()).hexdigest()
     disk = make_loop(DISK)
     user_data = "#!/bin/sh\necho user-data-ran\n"
-    body = payload(f"{base_url}/img.{fmt}", fmt, imageCheckSum=digest, imageCheckSumType=algo,
-                   sshKey="ssh-ed25519 AAAAkey1 a@b\nssh-rsa AAAAkey2 c@d",
-                   configDriveUserData=user_data,
-                   configDriveMetadata=json.dumps({"role": "db"}))
+    body = payload(
+        f"{base_url}/img.{fmt}",
+        fmt,
+        imageCheckSum=digest,
+        imageCheckSumType=algo,
+        sshKey="ssh-ed25519 AAAAkey1 a@b\nssh-rsa AAAAkey2 c@d",
+        configDriveUserData=user_data,
+        configDriveMetadata=json.dumps({"role": "db"}),
+    )
     proc, result = install(tmp_path, body, disk)
     assert proc.returncode == 0, proc.stderr
-    assert result == {**result, "status": "done", "disk": disk,
-                      "message": msg.install_done(disk)}
+    assert result == {**result, "status": "done", "disk": disk, "message": msg.install_done(disk)}
 
     assert_partitions_equal(raw, disk)
     pt = sfdisk_json(disk)
@@ -147,8 +160,10 @@ def test_install_success(tmp_path, http_dir, make_loop, fmt, table, algo) -> Non
     files = read_config_drive(disk, last, 512)
     meta = json.loads(files["openstack/latest/meta_data.json"])
     assert meta["hostname"] == "node-1"
-    assert sorted(meta["public_keys"].values()) == ["ssh-ed25519 AAAAkey1 a@b",
-                                                     "ssh-rsa AAAAkey2 c@d"]
+    assert sorted(meta["public_keys"].values()) == [
+        "ssh-ed25519 AAAAkey1 a@b",
+        "ssh-rsa AAAAkey2 c@d",
+    ]
     assert meta["meta"] == {"role": "db"}
     assert meta["uuid"]
     assert files["openstack/latest/user_data"] == user_data.encode()
@@ -168,8 +183,12 @@ def _expect_failure(tmp_path, body, disk, message, untouched=True):
 def test_404(tmp_path, http_dir, make_loop) -> None:
     _www, base_url = http_dir
     url = f"{base_url}/missing.qcow2"
-    result = _expect_failure(tmp_path, payload(url, "qcow2"), make_loop(DISK),
-                             f"Could not download image located: {url} .")
+    result = _expect_failure(
+        tmp_path,
+        payload(url, "qcow2"),
+        make_loop(DISK),
+        f"Could not download image located: {url} .",
+    )
     assert result["step"] == "download"
 
 
@@ -178,18 +197,27 @@ def test_checksum_mismatch(tmp_path, http_dir, make_loop) -> None:
     image = build_image(www / "img.qcow2", size_mib=24)
     actual = hashlib.sha1(image.read_bytes()).hexdigest()
     expected = "0" * 40
-    body = payload(f"{base_url}/img.qcow2", "qcow2", imageCheckSum=expected,
-                   imageCheckSumType="sha1")
-    _expect_failure(tmp_path, body, make_loop(DISK),
-                    f"Bad sha1 for downloaded file, got: {actual} while expecting {expected}.")
+    body = payload(
+        f"{base_url}/img.qcow2", "qcow2", imageCheckSum=expected, imageCheckSumType="sha1"
+    )
+    _expect_failure(
+        tmp_path,
+        body,
+        make_loop(DISK),
+        f"Bad sha1 for downloaded file, got: {actual} while expecting {expected}.",
+    )
 
 
 @pytest.mark.parametrize(("real", "declared"), [("qcow2", "raw"), ("raw", "qcow2")])
 def test_declared_format_mismatch(tmp_path, http_dir, make_loop, real, declared) -> None:
     www, base_url = http_dir
     build_image(www / "img", fmt=real, size_mib=24)
-    _expect_failure(tmp_path, payload(f"{base_url}/img", declared), make_loop(DISK),
-                    msg.format_mismatch(real, declared))
+    _expect_failure(
+        tmp_path,
+        payload(f"{base_url}/img", declared),
+        make_loop(DISK),
+        msg.format_mismatch(real, declared),
+    )
 
 
 def test_raw_without_table(tmp_path, http_dir, make_loop) -> None:
@@ -198,8 +226,12 @@ def test_raw_without_table(tmp_path, http_dir, make_loop) -> None:
     with open(fs, "wb") as f:
         f.truncate(8 * MiB)
     subprocess.run(["mkfs.vfat", "-n", "DATA", str(fs)], check=True, capture_output=True)
-    result = _expect_failure(tmp_path, payload(f"{base_url}/fs.raw", "raw"), make_loop(DISK),
-                             msg.raw_without_partition_table("vfat filesystem labelled DATA"))
+    result = _expect_failure(
+        tmp_path,
+        payload(f"{base_url}/fs.raw", "raw"),
+        make_loop(DISK),
+        msg.raw_without_partition_table("vfat filesystem labelled DATA"),
+    )
     assert result["step"] == "inspect"
 
 
@@ -207,9 +239,13 @@ def test_image_larger_than_disk(tmp_path, http_dir, make_loop) -> None:
     www, base_url = http_dir
     build_image(www / "big.qcow2", size_mib=160)
     disk = make_loop(DISK)
-    _expect_failure(tmp_path, payload(f"{base_url}/big.qcow2", "qcow2"), disk,
-                    f"image provided has a size of {160 * MiB} bytes which is larger than "
-                    f"{disk} of {DISK} bytes")
+    _expect_failure(
+        tmp_path,
+        payload(f"{base_url}/big.qcow2", "qcow2"),
+        disk,
+        f"image provided has a size of {160 * MiB} bytes which is larger than "
+        f"{disk} of {DISK} bytes",
+    )
 
 
 def test_too_big_for_memory(tmp_path, http_dir, make_loop) -> None:
@@ -220,8 +256,12 @@ def test_too_big_for_memory(tmp_path, http_dir, make_loop) -> None:
     huge = www / "huge.raw"
     with open(huge, "wb") as f:
         f.truncate(psutil.virtual_memory().total + MiB)
-    _expect_failure(tmp_path, payload(f"{base_url}/huge.raw", "raw"), make_loop(DISK),
-                    "Could not download, raw image is too big to download in memory.")
+    _expect_failure(
+        tmp_path,
+        payload(f"{base_url}/huge.raw", "raw"),
+        make_loop(DISK),
+        "Could not download, raw image is too big to download in memory.",
+    )
 
 
 def test_cant_write_failing_disk(tmp_path, http_dir) -> None:
@@ -232,8 +272,10 @@ def test_cant_write_failing_disk(tmp_path, http_dir) -> None:
     with open(raw, "r+b") as f:  # incompressible data that must really reach the disk
         f.seek(20 * MiB)
         f.write(os.urandom(16 * MiB))
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
-                    str(www / "img.qcow2")], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(www / "img.qcow2")],
+        check=True,
+    )
     store = tmp_path / "store"
     store.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(store)], check=True)
@@ -242,10 +284,16 @@ def test_cant_write_failing_disk(tmp_path, http_dir) -> None:
         backing = store / "disk.img"
         with open(backing, "wb") as f:
             f.truncate(DISK)
-        disk = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        _expect_failure(tmp_path, payload(f"{base_url}/img.qcow2", "qcow2"), disk,
-                        "Can't write qcow2 on disk.", untouched=False)
+        disk = subprocess.run(
+            ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        _expect_failure(
+            tmp_path,
+            payload(f"{base_url}/img.qcow2", "qcow2"),
+            disk,
+            "Can't write qcow2 on disk.",
+            untouched=False,
+        )
     finally:
         if disk:
             subprocess.run(["losetup", "-d", disk], capture_output=True)
@@ -262,8 +310,13 @@ def test_gpt_cannot_be_moved(tmp_path, http_dir, make_loop) -> None:
         data[header + 16] ^= 0xFF  # header CRC32
         data[header + 88] ^= 0xFF  # partition entries CRC32
     image.write_bytes(bytes(data))
-    _expect_failure(tmp_path, payload(f"{base_url}/broken.raw", "raw"), make_loop(DISK),
-                    msg.GPT_MOVE_FAILED, untouched=False)
+    _expect_failure(
+        tmp_path,
+        payload(f"{base_url}/broken.raw", "raw"),
+        make_loop(DISK),
+        msg.GPT_MOVE_FAILED,
+        untouched=False,
+    )
 
 
 def test_no_room_for_config_drive(tmp_path, http_dir, make_loop) -> None:
@@ -271,13 +324,25 @@ def test_no_room_for_config_drive(tmp_path, http_dir, make_loop) -> None:
     www, base_url = http_dir
     image = build_image(www / "full.raw", fmt="raw", table="dos", size_mib=48)
     # four primaries, the last one up to the end of the image (which is the disk's size)
-    script = ("label: dos\nstart=2048, size=32768, type=ef, bootable\n"
-              "start=34816, size=59392, type=83\nstart=94208, size=2048, type=83\n"
-              "start=96256, type=83\n")
-    subprocess.run(["sfdisk", "--no-reread", "--no-tell-kernel", str(image)], input=script,
-                   text=True, check=True, capture_output=True)
-    _expect_failure(tmp_path, payload(f"{base_url}/full.raw", "raw"), make_loop(48 * MiB),
-                    msg.CONFIGDRIVE_FAILED, untouched=False)
+    script = (
+        "label: dos\nstart=2048, size=32768, type=ef, bootable\n"
+        "start=34816, size=59392, type=83\nstart=94208, size=2048, type=83\n"
+        "start=96256, type=83\n"
+    )
+    subprocess.run(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", str(image)],
+        input=script,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    _expect_failure(
+        tmp_path,
+        payload(f"{base_url}/full.raw", "raw"),
+        make_loop(48 * MiB),
+        msg.CONFIGDRIVE_FAILED,
+        untouched=False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -285,8 +350,10 @@ def test_no_room_for_config_drive(tmp_path, http_dir, make_loop) -> None:
     [
         ({"imageType": "iso"}, "Bad format image, expected: qcow2, raw."),
         ({"imageCheckSumType": "crc"}, "Please provide checkSum AND checkSumType or none of them"),
-        ({"imageCheckSum": "ab", "imageCheckSumType": "crc"},
-         "Bad checkSumType, expected: md5, sha1, sha256, sha512."),
+        (
+            {"imageCheckSum": "ab", "imageCheckSumType": "crc"},
+            "Bad checkSumType, expected: md5, sha1, sha256, sha512.",
+        ),
     ],
 )
 def test_validation_refusals_via_cli(tmp_path, make_loop, meta, message) -> None:

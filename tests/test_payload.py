@@ -17,8 +17,7 @@ SHA256 = "a" * 64
 
 def install_start(**meta: object) -> dict:
     items = [{"key": k, "value": v} for k, v in meta.items()]
-    return {"templateName": "byoi_64", "details": {"customHostname": "h1"},
-            "userMetadata": items}
+    return {"templateName": "byoi_64", "details": {"customHostname": "h1"}, "userMetadata": items}
 
 
 def base(**extra: object) -> dict:
@@ -79,8 +78,13 @@ def test_reinstall_shape() -> None:
 
 
 def test_metadata_as_json_string_and_indexed_merge() -> None:
-    req = parse_request(base(configDriveMetadata=json.dumps({"a": "1"}),
-                             configDriveMetadata0Key="b", configDriveMetadata0Value="2"))
+    req = parse_request(
+        base(
+            configDriveMetadata=json.dumps({"a": "1"}),
+            configDriveMetadata0Key="b",
+            configDriveMetadata0Value="2",
+        )
+    )
     assert req.metadata == {"a": "1", "b": "2"}
 
 
@@ -88,8 +92,10 @@ def test_metadata_as_json_string_and_indexed_merge() -> None:
     ("user_data", "expected"),
     [
         ("#cloud-config\nhostname: x\n", b"#cloud-config\nhostname: x\n"),
-        (base64.b64encode(b"#cloud-config\nruncmd: [ls]\n").decode(),
-         b"#cloud-config\nruncmd: [ls]\n"),
+        (
+            base64.b64encode(b"#cloud-config\nruncmd: [ls]\n").decode(),
+            b"#cloud-config\nruncmd: [ls]\n",
+        ),
         (base64.b64encode(b"#!/bin/bash\necho ok\n").decode(), b"#!/bin/bash\necho ok\n"),
         ("#cloud-config\\nruncmd:\\n  - echo a\\n", b"#cloud-config\nruncmd:\n  - echo a\n"),
         # base64-looking but not user data once decoded: kept as is
@@ -115,18 +121,25 @@ def test_unknown_keys_are_warnings() -> None:
         (base(imageCheckSum=SHA256), msg.CHECKSUM_PAIR),
         (base(imageCheckSumType="sha256"), msg.CHECKSUM_PAIR),
         (base(imageCheckSum=SHA256, imageCheckSumType="crc32"), msg.BAD_CHECKSUM_TYPE),
-        (base(imageCheckSum="abc", imageCheckSumType="sha256"),
-         msg.bad_checksum_value("sha256", 64)),
+        (
+            base(imageCheckSum="abc", imageCheckSumType="sha256"),
+            msg.bad_checksum_value("sha256", 64),
+        ),
         (base(imageCheckSum="z" * 32, imageCheckSumType="md5"), msg.bad_checksum_value("md5", 32)),
         (install_start(imageURL="ftp://x/y", imageType="raw"), msg.BAD_URL_SCHEME),
         (install_start(imageURL="file:///etc/passwd", imageType="raw"), msg.BAD_URL_SCHEME),
         (install_start(imageType="raw"), msg.MISSING_IMAGE_URL),
         (install_start(imageURL="https://x/y"), msg.MISSING_IMAGE_TYPE),
         (base(configDriveUserData="#!/bin/sh\n" + "x" * 65536), msg.USER_DATA_TOO_LARGE),
-        (base(httpHeaders0Key="X-Evil", httpHeaders0Value="a\r\nHost: b"), msg.bad_header("X-Evil")),
+        (
+            base(httpHeaders0Key="X-Evil", httpHeaders0Value="a\r\nHost: b"),
+            msg.bad_header("X-Evil"),
+        ),
         ({"templateName": "debian12_64", "userMetadata": []}, msg.UNKNOWN_TEMPLATE),
-        ({"templateName": "byoi_64", "details": {"softRaidDevices": 2}, "userMetadata": []},
-         msg.SOFTWARE_RAID),
+        (
+            {"templateName": "byoi_64", "details": {"softRaidDevices": 2}, "userMetadata": []},
+            msg.SOFTWARE_RAID,
+        ),
         ([1, 2], msg.bad_request("the request must be a JSON object")),
     ],
 )
@@ -142,9 +155,14 @@ def test_header_name_with_newline_refused() -> None:
 def test_secrets_never_in_messages() -> None:
     url = "https://user:s3cr3tpw@example.test/img.qcow2"
     assert redact_url(url) == "https://user:***@example.test/img.qcow2"
-    req = parse_request(install_start(imageURL=url, imageType="qcow2",
-                                      httpHeaders0Key="Authorization",
-                                      httpHeaders0Value="Basic Zm9vOmJhcg=="))
+    req = parse_request(
+        install_start(
+            imageURL=url,
+            imageType="qcow2",
+            httpHeaders0Key="Authorization",
+            httpHeaders0Value="Basic Zm9vOmJhcg==",
+        )
+    )
     assert "s3cr3tpw" not in req.redacted_url
     assert msg.download_failed(req.redacted_url) == (
         "Could not download image located: https://user:***@example.test/img.qcow2 ."

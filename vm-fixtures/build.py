@@ -39,7 +39,7 @@ MANIFEST = OUT / "manifest.json"
 STAMP = OUT / "stamp"
 
 PACKAGES = ["grub-efi-amd64-bin", "grub-pc-bin", "grub-common", "busybox-static"]
-RESCUE_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "9pnet_virtio", "9p"]
+RESCUE_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "9pnet_virtio", "9p", "efivarfs"]
 TINY_MODULES = [
     "virtio_pci",
     "virtio_blk",
@@ -301,6 +301,8 @@ def uefi_image(out_raw: Path, sector: int, kernel: Path, initrd: Path, tag: str)
         "ESP",
         {
             "EFI/BOOT/BOOTX64.EFI": work / "BOOTX64.EFI",
+            # the same loader at a vendor path, reachable only through an NVRAM boot entry
+            "EFI/byoi/grubx64.efi": work / "BOOTX64.EFI",
             "byoi/vmlinuz": kernel,
             "byoi/initrd.img": initrd,
         },

@@ -28,6 +28,9 @@ for d in dev proc sys tmp run; do [ -d "$H/$d" ] || fail "no /$d in the host roo
 mount -o bind /dev $H/dev || fail "bind /dev"
 mount -o bind /proc $H/proc || fail "bind /proc"
 mount -o bind /sys $H/sys || fail "bind /sys"
+if [ -d $H/sys/firmware/efi/efivars ]; then
+    mount -t efivarfs efivarfs $H/sys/firmware/efi/efivars || fail "efivarfs"
+fi
 mount -t tmpfs -o mode=1777 tmpfs $H/tmp || fail "tmpfs /tmp"
 mount -t tmpfs -o mode=755 tmpfs $H/run || fail "tmpfs /run"
 # The chroot's /dev must be the guest's devtmpfs before anything opens a disk node.

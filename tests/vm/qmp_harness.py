@@ -53,6 +53,7 @@ class VMConfig:
     drives: list[Drive] = field(default_factory=list)
     shares: dict[str, tuple[Path, bool]] = field(default_factory=dict)  # tag -> (path, readonly)
     network: bool = False
+    vars_file: Path | None = None  # OVMF NVRAM kept across VMs; made from the template if absent
 
 
 def build_command(cfg: VMConfig, qmp_socket: Path, serial_log: Path) -> list[str]:
@@ -72,8 +73,9 @@ def build_command(cfg: VMConfig, qmp_socket: Path, serial_log: Path) -> list[str
         "-serial", "chardev:ser0",
     ]  # fmt: skip
     if cfg.firmware == "uefi":
-        vars_copy = cfg.workdir / f"{cfg.name}-OVMF_VARS.fd"
-        shutil.copyfile(OVMF_VARS, vars_copy)
+        vars_copy = cfg.vars_file or cfg.workdir / f"{cfg.name}-OVMF_VARS.fd"
+        if cfg.vars_file is None or not vars_copy.exists():
+            shutil.copyfile(OVMF_VARS, vars_copy)
         args += [
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,8 +69,8 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def _payload(url: str, image: dict, hostname: str) -> dict:
-    return {
+def _payload(url: str, image: dict, hostname: str, extra: dict[str, str] | None = None) -> dict:
+    body = {
         "templateName": "byoi_64",
         "details": {"customHostname": hostname},
         "userMetadata": [
@@ -81,10 +82,20 @@ def _payload(url: str, image: dict, hostname: str) -> dict:
             {"key": "configDriveUserData", "value": USER_DATA},
         ],
     }
+    for key, value in (extra or {}).items():
+        body["userMetadata"].append({"key": key, "value": value})
+    return body
 
 
 def _rescue_install(
-    start_vm, fixtures: dict, disk: Path, sector: int, payload: dict, xfer: Path
+    start_vm,
+    fixtures: dict,
+    disk: Path,
+    sector: int,
+    payload: dict,
+    xfer: Path,
+    firmware: str = "bios",
+    vars_file: Path | None = None,
 ) -> dict:
     """Boot the rescue VM on ``disk``; run the agent; return its JSON result line."""
     xfer.mkdir()
@@ -103,6 +114,8 @@ def _rescue_install(
         drives=[Drive(disk, fmt="raw", sector=sector, bootindex=None)],
         shares={"hostroot": (Path("/"), True), "xfer": (xfer, False)},
         network=True,
+        firmware=firmware,
+        vars_file=vars_file,
     )
     assert vm.status() == "running"
     block = {b["device"]: b for b in vm.command("query-block")}
@@ -126,7 +139,13 @@ def _rescue_install(
 
 
 def _boot_installed(
-    start_vm, fixtures: dict, disk: Path, firmware: str, sector: int, tmp: Path
+    start_vm,
+    fixtures: dict,
+    disk: Path,
+    firmware: str,
+    sector: int,
+    tmp: Path,
+    vars_file: Path | None = None,
 ) -> str:
     """Boot the installed disk through a qcow2 overlay; check nothing wrote to it; the console."""
     before = _fingerprint(disk)
@@ -140,7 +159,9 @@ def _boot_installed(
         name=f"boot-{firmware}",
         memory_mb=512,
         firmware=firmware,
-        drives=[Drive(overlay, fmt="qcow2", sector=sector, bootindex=0)],
+        # With an NVRAM from the install, no bootindex: the firmware follows its BootOrder.
+        drives=[Drive(overlay, fmt="qcow2", sector=sector, bootindex=None if vars_file else 0)],
+        vars_file=vars_file,
     )
     block = {b["device"]: b for b in vm.command("query-block")}["disk0"]["inserted"]
     assert block["file"] == str(overlay)
@@ -176,8 +197,20 @@ def _check_tiny_os(console: str, hostname: str, bootmode: str, fstype: str, sect
 
 
 def _install_then_boot(
-    start_vm, fixtures, http_dir, tmp_path, image_name, firmware, bootmode, fstype, sector
-) -> dict[str, float]:
+    start_vm,
+    fixtures,
+    http_dir,
+    tmp_path,
+    image_name,
+    firmware,
+    bootmode,
+    fstype,
+    sector,
+    *,
+    extra: dict[str, str] | None = None,
+    rescue_firmware: str = "bios",
+    vars_file: Path | None = None,
+) -> str:
     image = fixtures["images"][image_name]
     assert image["sector_size"] == sector
     www, base_url = http_dir
@@ -189,16 +222,17 @@ def _install_then_boot(
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)
     t0 = time.monotonic()
+    payload = _payload(url, image, hostname, extra)
     _rescue_install(
-        start_vm, fixtures, disk, sector, _payload(url, image, hostname), tmp_path / "x"
+        start_vm, fixtures, disk, sector, payload, tmp_path / "xfer", rescue_firmware, vars_file
     )
     t1 = time.monotonic()
-    console = _boot_installed(start_vm, fixtures, disk, firmware, sector, tmp_path)
+    console = _boot_installed(start_vm, fixtures, disk, firmware, sector, tmp_path, vars_file)
     t2 = time.monotonic()
     _check_tiny_os(console, hostname, bootmode, fstype, sector)
     timings = {"install_s": round(t1 - t0, 1), "boot_s": round(t2 - t1, 1)}
     print(f"VM-TIMINGS {image_name}: {timings}")
-    return timings
+    return console
 
 
 def test_uefi_qcow2_install_boots_under_ovmf(vm_fixtures, start_vm, http_dir, tmp_path):
@@ -228,6 +262,32 @@ def test_4kn_uefi_install_boots_under_ovmf(vm_fixtures, start_vm, http_dir, tmp_
     _install_then_boot(
         start_vm, vm_fixtures, http_dir, tmp_path, "uefi-4k", "uefi", "uefi", "vfat", 4096
     )
+
+
+def test_uefi_rescue_creates_the_efi_boot_entry_the_firmware_follows(
+    vm_fixtures, start_vm, http_dir, tmp_path
+):
+    """efiBootloaderPath: the rescue VM runs under OVMF (efivarfs), the agent adds an NVRAM
+    entry, and the next boot with that NVRAM starts the image's loader through that entry."""
+    nvram = tmp_path / "OVMF_VARS.fd"
+    console = _install_then_boot(
+        start_vm,
+        vm_fixtures,
+        http_dir,
+        tmp_path,
+        "uefi",
+        "uefi",
+        "uefi",
+        "iso9660",
+        512,
+        extra={"efiBootloaderPath": "/EFI/byoi/grubx64.efi"},
+        rescue_firmware="uefi",
+        vars_file=nvram,
+    )
+    started = re.findall(r'BdsDxe: starting (Boot[0-9A-F]{4}) "([^"]*)" from (.*)$', console, re.M)
+    assert started, console[:2000]
+    assert started[0][1] == "byoi", started
+    assert "\\EFI\\byoi\\grubx64.efi" in started[0][2].replace("/", "\\"), started
 
 
 def test_gpt_check_catches_an_unmoved_backup_gpt(vm_fixtures, start_vm, tmp_path):
