@@ -375,3 +375,58 @@ def test_cli_misuse_exit_2(tmp_path) -> None:
     assert proc.returncode == 2 and "not JSON" in proc.stderr
     assert run_cli("install", "--payload", "-", stdin="[").returncode == 2
     assert run_cli("frobnicate").returncode == 2
+
+
+def build_4kn_image(path: Path, make_loop) -> Path:
+    """A raw GPT image for 4096-byte sectors, partitioned on a 4Kn loop device (sgdisk then
+    writes the 4Kn layout: GPT header at byte 4096)."""
+    dev = make_loop(32 * MiB, sector_size=4096, name="4kn-source.img")
+    subprocess.run(
+        ["sgdisk", "-o", "-n1:256:+8M", "-t1:ef00", "-c1:EFI", "-n2:0:+8M", "-t2:8300", dev],
+        check=True,
+        capture_output=True,
+    )
+    with open(dev, "rb") as src:
+        data = src.read()
+    path.write_bytes(data)
+    assert data[4096:4104] == b"EFI PART"
+    return path
+
+
+def test_install_4kn_disk_gets_fat_config_drive(tmp_path, http_dir, make_loop) -> None:
+    www, base_url = http_dir
+    build_4kn_image(www / "img4k.raw", make_loop)
+    disk = make_loop(DISK, sector_size=4096)
+    body = payload(f"{base_url}/img4k.raw", "raw", sshKey="ssh-ed25519 AAAA4k k@4k")
+    proc, result = install(tmp_path, body, disk)
+    assert proc.returncode == 0, proc.stderr
+    verify = subprocess.run(["sgdisk", "-v", disk], capture_output=True, text=True)
+    assert "No problems found" in verify.stdout, verify.stdout
+    with open(disk, "rb") as f:
+        f.seek(DISK - 4096)
+        assert f.read(8) == b"EFI PART"
+    pt = sfdisk_json(disk)
+    assert pt.get("sectorsize", 4096) == 4096
+    last = pt["partitions"][-1]
+    probe = blkid_at(disk, last["start"] * 4096)
+    assert probe.get("LABEL") == "CONFIG-2" and probe.get("TYPE") == "vfat", probe
+    # read the FAT drive back with mtools at its offset
+    meta = subprocess.run(
+        ["mtype", "-i", f"{disk}@@{last['start'] * 4096}", "::/openstack/latest/meta_data.json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(meta)["public_keys"] == {"key-0": "ssh-ed25519 AAAA4k k@4k"}
+
+
+def test_512_gpt_image_refused_on_4kn_disk(tmp_path, http_dir, make_loop) -> None:
+    www, base_url = http_dir
+    build_image(www / "img512.raw", fmt="raw", table="gpt", size_mib=24)
+    disk = make_loop(DISK, sector_size=4096)
+    _expect_failure(
+        tmp_path,
+        payload(f"{base_url}/img512.raw", "raw"),
+        disk,
+        msg.sector_size_mismatch(512, disk, 4096),
+    )
