@@ -78,10 +78,19 @@ def make_file(path: Path, size: int) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 
-def run_curl(url: str, dest: Path) -> float:
-    t0 = time.perf_counter()
+def _busy_seconds() -> float:
+    """CPU seconds spent not idle, summed over all CPUs, since boot."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def run_curl(url: str, dest: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole machine) for one curl transfer."""
+    b0, t0 = _busy_seconds(), time.perf_counter()
     subprocess.run(["curl", "-sS", "--fail", "-o", str(dest), url], check=True, timeout=600)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _busy_seconds() - b0
 
 
 def run_agent(url: str, dest: Path, ctype: str, expected: str, args: argparse.Namespace) -> dict:
@@ -122,6 +131,7 @@ def main() -> None:
         speeds = {name: hash_speed(name) for name in HASHES}
         mbps: dict[str, list[float]] = {k: [] for k in ("curl", *HASHES)}
         hwm: list[int] = []
+        transfer_cpu: list[float] = []  # machine CPU seconds per MB moved by nginx -> curl
         with nginx(root) as base:
             url = f"{base}/image.raw"
             for r in range(args.rounds):
@@ -132,8 +142,9 @@ def main() -> None:
                 for what in order:
                     dest = out / f"{what}.raw"
                     if what == "curl":
-                        seconds = run_curl(url, dest)
+                        seconds, busy = run_curl(url, dest)
                         got = dest.stat().st_size
+                        transfer_cpu.append(busy / (got / 1e6))
                     else:
                         res = run_agent(url, dest, what, digests[what], args)
                         seconds, got = res["seconds"], res["size"]
@@ -147,12 +158,18 @@ def main() -> None:
     print(f"file {args.size_mib} MiB, {args.rounds} rounds, nginx 127.0.0.1 -> /dev/shm, MB/s")
     print(f"read size {args.read_kib} KiB, hash block {args.block_mib} MiB, {os.cpu_count()} CPUs")
     med_curl = statistics.median(mbps["curl"])
-    print(f"curl -o           {fmt(mbps['curl'])}")
+    cpu_per_mb = statistics.median(transfer_cpu)
+    cores = os.cpu_count() or 1
+    print(f"curl -o           {fmt(mbps['curl'])}   (machine CPU {cpu_per_mb * 1000:.2f} ms/MB)")
     for name in HASHES:
         med = statistics.median(mbps[name])
+        # What this machine can do at best: the transfer's CPU cost plus the hash's, spread over
+        # all cores, and never faster than the transfer alone or the hash alone.
+        ceiling = min(med_curl, speeds[name], cores / (cpu_per_mb + 1 / speeds[name]))
         print(
             f"agent {name:7s}     {fmt(mbps[name])}   agent/curl {med / med_curl:4.2f}"
             f"   {name} alone {speeds[name]:6.0f} MB/s (agent/hash {med / speeds[name]:4.2f})"
+            f"   CPU ceiling {ceiling:5.0f} MB/s (agent/ceiling {med / ceiling:4.2f})"
         )
     print(f"agent peak RSS (VmHWM): max {max(hwm) / MiB:.1f} MiB")
 
