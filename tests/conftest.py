@@ -38,11 +38,19 @@ def make_loop(tmp_path: Path) -> Iterator[Callable[..., str]]:
             args += ["--sector-size", str(sector_size)]
         dev = _run(*args, str(backing)).strip()
         attached.append(dev)
+        # a reused loop number may still carry another test's partitions (see release_loop)
+        subprocess.run(["partx", "-d", dev], capture_output=True, timeout=60)
         return dev
 
     yield make
     for dev in attached:
         release_loop(dev)
+
+
+@pytest.fixture
+def loop(make_loop: Callable[..., str]) -> Callable[..., str]:
+    """The same factory as ``make_loop``."""
+    return make_loop
 
 
 def release_loop(dev: str) -> None:

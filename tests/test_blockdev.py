@@ -17,26 +17,6 @@ from tests.conftest import needs_root
 MiB = 1024**2
 
 
-@pytest.fixture
-def loop(make_loop):
-    """``make_loop`` that also drops kernel partitions (partx -d) before use and at teardown.
-
-    On this kernel ``losetup -d`` keeps partitions added with BLKPG (partx -a), so a reused
-    loop device can carry another test's stale loopNpM nodes.
-    """
-    made: list[str] = []
-
-    def make(*args, **kwargs) -> str:
-        dev = make_loop(*args, **kwargs)
-        subprocess.run(["partx", "-d", dev], capture_output=True, timeout=60)
-        made.append(dev)
-        return dev
-
-    yield make
-    for dev in made:
-        subprocess.run(["partx", "-d", dev], capture_output=True, timeout=60)
-
-
 def _run(*args: str, input: str | None = None) -> str:
     return subprocess.run(
         args, input=input, check=True, capture_output=True, text=True, timeout=60

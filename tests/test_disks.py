@@ -24,26 +24,6 @@ from tests.conftest import needs_root
 GiB = 1024**3
 
 
-@pytest.fixture
-def loop(make_loop):
-    """``make_loop`` that also drops kernel partitions (partx -d) before use and at teardown.
-
-    On this kernel ``losetup -d`` keeps partitions added with BLKPG (partx -a), so a reused
-    loop device can carry another test's stale loopNpM nodes.
-    """
-    made: list[str] = []
-
-    def make(*args, **kwargs) -> str:
-        dev = make_loop(*args, **kwargs)
-        subprocess.run(["partx", "-d", dev], capture_output=True, timeout=60)
-        made.append(dev)
-        return dev
-
-    yield make
-    for dev in made:
-        subprocess.run(["partx", "-d", dev], capture_output=True, timeout=60)
-
-
 class FakeSysfs:
     """A fabricated /sys and /dev laid out like the kernel's (block/, class/block, dev/block)."""
 
