@@ -25,8 +25,6 @@ from tenacity import (
     wait_exponential,
 )
 
-from agent import messages as msg
-from agent.messages import InstallError
 from agent.tools import ToolError, run
 
 if TYPE_CHECKING:
@@ -84,25 +82,6 @@ def physical_sector_size(path: str | os.PathLike[str]) -> int:
 
 
 # --- sector size of an image --------------------------------------------------------------------
-
-
-def image_sector_size(first_bytes: bytes) -> int | None:
-    """The logical sector size a raw image's GPT was made for, or None (no GPT / MBR only).
-
-    The GPT header sits at LBA 1: byte 512 on a 512-byte-sector disk, byte 4096 on a 4Kn one.
-    Give at least the first 4104 bytes for the 4096 case to be seen.
-    """
-    for sector in (512, 4096):
-        if first_bytes[sector : sector + 8] == GPT_SIGNATURE:
-            return sector
-    return None
-
-
-def check_image_sector_size(first_bytes: bytes, device: str, disk_sector: int) -> None:
-    """Refuse a GPT image made for another logical sector size than the disk's."""
-    image_sector = image_sector_size(first_bytes)
-    if image_sector is not None and image_sector != disk_sector:
-        raise InstallError(msg.sector_size_mismatch(image_sector, device, disk_sector))
 
 
 # --- what to wipe -------------------------------------------------------------------------------

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import blockdev, disks, messages
-from agent.messages import InstallError
+from agent import blockdev, disks
 from tests.conftest import needs_root
 
 MiB = 1024**2
@@ -46,35 +45,6 @@ def _probe_at(path: str, offset: int) -> str:
 
 
 # --- pure helpers -------------------------------------------------------------------------------
-
-
-def test_image_sector_size() -> None:
-    head = bytearray(8192)
-    assert blockdev.image_sector_size(bytes(head)) is None
-    head[512:520] = b"EFI PART"
-    assert blockdev.image_sector_size(bytes(head)) == 512
-    head[512:520] = bytes(8)
-    head[4096:4104] = b"EFI PART"
-    assert blockdev.image_sector_size(bytes(head)) == 4096
-    assert blockdev.image_sector_size(bytes(head[:4100])) is None  # too short to tell
-    blockdev.check_image_sector_size(bytes(head), "/dev/sda", 4096)
-    with pytest.raises(InstallError) as err:
-        blockdev.check_image_sector_size(bytes(head), "/dev/sda", 512)
-    assert err.value.message == messages.sector_size_mismatch(4096, "/dev/sda", 512)
-
-
-def test_image_sector_size_of_real_sgdisk_images(tmp_path: Path) -> None:
-    image = tmp_path / "gpt.img"
-    image.write_bytes(bytes(8 * MiB))
-    _run("sgdisk", "-o", "-n", "1:0:0", str(image))
-    head = image.read_bytes()[:8192]
-    assert blockdev.image_sector_size(head) == 512
-    with pytest.raises(InstallError, match="partition table for 512-byte sectors"):
-        blockdev.check_image_sector_size(head, "/dev/nvme0n1", 4096)
-    mbr = tmp_path / "mbr.img"
-    mbr.write_bytes(bytes(8 * MiB))
-    _run("sfdisk", "-q", str(mbr), input="label: dos\nstart=2048\n")
-    assert blockdev.image_sector_size(mbr.read_bytes()[:8192]) is None
 
 
 @pytest.mark.parametrize("sector", [512, 4096])
