@@ -11,7 +11,6 @@ whether one can be reused) are pure functions over a parsed table; the rest is t
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from agent import messages
+from agent.blockdev import reread_partition_table
 from agent.messages import InstallError
 from agent.tools import ToolError, run
 
@@ -37,7 +37,6 @@ GPT_TYPE = "0700"
 MBR_TYPE = "c"  # W95 FAT32 (LBA), the MBR counterpart of basic data
 MBR_LIMIT_SECTORS = 2**32  # MBR start and size are 32-bit sector counts
 EXTENDED_TYPES = {"5", "f", "85"}
-BLKRRPART = 0x125F
 GPT_SIGNATURE = b"EFI PART"
 
 
@@ -192,22 +191,6 @@ def find_existing(table: Table, labels: dict[int, tuple[str, str]]) -> Partition
 
 
 # --- device I/O ---------------------------------------------------------------------------------
-
-
-def reread_partition_table(path: str) -> None:
-    """Ask the kernel to re-read the table; a refusal (busy, or a loop device without partscan)
-    only delays it until the next boot, so it is logged, not fatal."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        log.warning("cannot open %s to re-read its partition table: %s", path, exc)
-        return
-    try:
-        fcntl.ioctl(fd, BLKRRPART)
-    except OSError as exc:
-        log.info("kernel did not re-read the partition table of %s: %s", path, exc)
-    finally:
-        os.close(fd)
 
 
 def _read_at(path: str, offset: int, length: int) -> bytes:

@@ -161,7 +161,6 @@ def _install(
         with step("gpt"):
             if partition.table_type(target.path) == "gpt":
                 partition.relocate_backup_gpt(target)
-                _reread(target.path)
 
         with step("configdrive"):
             drive = area / "configdrive.img"
@@ -172,7 +171,6 @@ def _install(
             except Exception as exc:
                 raise InstallError(msg.CONFIGDRIVE_FAILED, f"building the drive: {exc}") from None
             partition.add_config_drive(target, drive)
-            _reread(target.path)
 
     with step("bootloader"):
         if request.efi_bootloader_path:

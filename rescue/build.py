@@ -391,18 +391,15 @@ def pack(out: Path, level: int) -> None:
     tmp.replace(out)
 
 
-def du_top(root: Path, depth: int = 3, count: int = 12) -> list[tuple[int, str]]:
-    """The largest directories under root (apparent bytes), to say what dominates the image."""
+def du_top(root: Path, depth: int = 3, count: int = 14) -> list[tuple[int, str]]:
+    """What dominates the image: bytes per directory, files below ``depth`` counted in their
+    ancestor at that depth (a partition of the tree, so the figures add up)."""
     sizes: dict[str, int] = {}
     for f in root.rglob("*"):
         if f.is_file() and not f.is_symlink():
-            rel = f.relative_to(root).parts[:-1]
-            size = f.stat().st_size
-            for i in range(1, min(len(rel), depth) + 1):
-                key = "/".join(rel[:i])
-                sizes[key] = sizes.get(key, 0) + size
-    leaves = sorted(sizes.items(), key=lambda kv: -kv[1])
-    return [(size, name) for name, size in leaves if name.count("/") == depth - 1][:count]
+            key = "/".join(f.relative_to(root).parts[:-1][:depth]) or "."
+            sizes[key] = sizes.get(key, 0) + f.stat().st_size
+    return sorted(((size, name) for name, size in sizes.items()), reverse=True)[:count]
 
 
 def build(force: bool = False, level: int = 19) -> dict:

@@ -25,9 +25,13 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 exec 0</dev/console 1>/dev/console 2>&1
 echo "BYOI-RESCUE-INIT $(cat /etc/byoi/kernel-release)"
 
+failed=""
 while read -r ko; do
-    [ -n "$ko" ] && insmod "/lib/modules/byoi/$ko" 2>/dev/null
+    [ -n "$ko" ] || continue
+    insmod "/lib/modules/byoi/$ko" 2>/dev/null || failed="$failed ${ko%.ko}"
 done </lib/modules/byoi/order
+# Drivers for hardware that is absent load fine; a failure here means a broken module set.
+[ -z "$failed" ] || echo "BYOI-RESCUE-NOTE modules not loaded:$failed"
 
 if [ -d /sys/firmware/efi ]; then
     mount -t efivarfs efivarfs /sys/firmware/efi/efivars || echo "BYOI-RESCUE-NOTE no efivarfs"
