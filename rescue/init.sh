@@ -28,7 +28,9 @@ echo "BYOI-RESCUE-INIT $(cat /etc/byoi/kernel-release)"
 failed=""
 while read -r ko; do
     [ -n "$ko" ] || continue
-    insmod "/lib/modules/byoi/$ko" 2>/dev/null || failed="$failed ${ko%.ko}"
+    # efivarfs refuses to load on a legacy boot
+    [ "$ko" = efivarfs.ko ] && [ ! -d /sys/firmware/efi ] && continue
+    busybox insmod "/lib/modules/byoi/$ko" 2>/dev/null || failed="$failed ${ko%.ko}"
 done </lib/modules/byoi/order
 # Drivers for hardware that is absent load fine; a failure here means a broken module set.
 [ -z "$failed" ] || echo "BYOI-RESCUE-NOTE modules not loaded:$failed"
@@ -57,7 +59,7 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 
-hostname byoi-rescue
+busybox hostname byoi-rescue
 busybox ip link set lo up
 # Devices appear asynchronously after the driver loads.
 i=0

@@ -103,7 +103,7 @@ def _rescue_install(
     (xfer / "run.sh").write_text(
         f"cd {REPO}\n"
         f"export PYTHONPATH={REPO}\n"
-        f"exec {sys.executable} -m agent install --payload /tmp/xfer/payload.json --json\n"
+        f"exec {sys.executable} -m agent install --payload /run/xfer/payload.json --json\n"
     )
     vm = start_vm(
         name="rescue",
