@@ -55,6 +55,7 @@ class ApiSettings:
     disk: str | None = None
     hints: dict[str, str] = field(default_factory=dict)
     workdir: Path = Path("/run/byoi-agent")
+    ca_bundle: str | None = None  # extra CA file for https image URLs
     callback: CallbackSettings | None = None
     max_body: int = 1024 * 1024  # an install request is a few KiB; user data is capped at 64 KiB
     body_timeout: float = 30.0  # to receive a whole request body
@@ -78,7 +79,10 @@ def _pipeline_options(settings: ApiSettings) -> Any:
     from agent import pipeline
 
     return pipeline.InstallOptions(
-        disk=settings.disk, hints=dict(settings.hints), workdir=settings.workdir
+        disk=settings.disk,
+        hints=dict(settings.hints),
+        workdir=settings.workdir,
+        download_settings=pipeline.download_settings(settings.ca_bundle),
     )
 
 
@@ -459,6 +463,7 @@ def serve(
     workdir: Path,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    ca_bundle: str | None = None,
 ) -> int:
     """Run the API until SIGTERM/SIGINT. Exit code 2 on bad settings, 1 if it cannot serve.
 
@@ -479,7 +484,12 @@ def serve(
         return 2
     callback = CallbackSettings(url=callback_url, token=token) if callback_url else None
     settings = ApiSettings(
-        token=token, disk=disk, hints=dict(hints), workdir=workdir, callback=callback
+        token=token,
+        disk=disk,
+        hints=dict(hints),
+        workdir=workdir,
+        ca_bundle=ca_bundle,
+        callback=callback,
     )
     app = create_app(settings)
     server = uvicorn.Server(server_config(app, settings, host, port, tls_cert, tls_key))

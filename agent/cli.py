@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="where the tmpfs download area is made (default /run/byoi-agent)",
         )
+        p.add_argument(
+            "--ca-bundle", metavar="FILE", help="extra CA certificates (PEM) for https image URLs"
+        )
 
     p = sub.add_parser("install", help="run one install")
     p.add_argument("--payload", required=True, help="request JSON file, or - for stdin")
@@ -171,7 +174,7 @@ def _hints(pairs: list[str]) -> dict[str, str]:
 
 def cmd_install(args: argparse.Namespace) -> int:
     from agent.payload import parse_request
-    from agent.pipeline import DEFAULT_WORKDIR, InstallOptions, run_install
+    from agent.pipeline import DEFAULT_WORKDIR, InstallOptions, download_settings, run_install
 
     body = _read_payload(args.payload)
     hints = _hints(args.hint)
@@ -181,7 +184,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     try:
         request = parse_request(body)
         options = InstallOptions(
-            disk=args.disk, hints=hints, workdir=args.workdir or DEFAULT_WORKDIR
+            disk=args.disk,
+            hints=hints,
+            workdir=args.workdir or DEFAULT_WORKDIR,
+            download_settings=download_settings(args.ca_bundle),
         )
         ok = run_install(request, options, status)
     except InstallError as exc:  # refused before the pipeline ran: validation
@@ -252,6 +258,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workdir=args.workdir or DEFAULT_WORKDIR,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        ca_bundle=args.ca_bundle,
     )
 
 

@@ -36,6 +36,13 @@ class InstallOptions:
     download_settings: download.DownloadSettings | None = None
 
 
+def download_settings(ca_bundle: str | None = None) -> download.DownloadSettings | None:
+    """The download settings for the command line's options (None: the defaults)."""
+    if ca_bundle is None:
+        return None
+    return download.DownloadSettings(ca_bundle=ca_bundle)
+
+
 def run_install(request: InstallRequest, options: InstallOptions, status: InstallStatus) -> bool:
     """Run one install; True on success. The status holds the result message either way."""
     if not INSTALL_LOCK.acquire(blocking=False):
