@@ -205,6 +205,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             "disk": snap["disk"],
             "warnings": snap["warnings"],
             "elapsedTime": snap["elapsedTime"],
+            "progress": snap["progress"],
         }
         print(json.dumps(result), flush=True)
     return 0 if ok else 1

@@ -47,6 +47,7 @@ class Step:
     error: str = ""
     started: float | None = None
     ended: float | None = None
+    bytes: int = 0  # bytes the step moved (download, write), kept once it is done
 
 
 @dataclass
@@ -117,10 +118,7 @@ class InstallStatus:
         elapsed = 0.0 if self.started is None else (self.ended or now) - self.started
         return {
             "elapsedTime": round(elapsed, 1),
-            "progress": [
-                {"comment": s.comment, "status": s.state.value, "error": s.error, "step": s.key}
-                for s in self.steps
-            ],
+            "progress": [self._step_view(s, now) for s in self.steps],
             "status": self.state.value,
             "step": self._current_step_locked(),
             "message": self.message,
@@ -131,6 +129,20 @@ class InstallStatus:
             "rate": round(self.progress.rate, 1),
             "eta": None if self.progress.eta is None else round(self.progress.eta, 1),
         }
+
+    @staticmethod
+    def _step_view(step: Step, now: float) -> dict[str, Any]:
+        view: dict[str, Any] = {
+            "comment": step.comment,
+            "status": step.state.value,
+            "error": step.error,
+            "step": step.key,
+        }
+        if step.started is not None:
+            view["seconds"] = round((step.ended or now) - step.started, 2)
+        if step.bytes:
+            view["bytes"] = step.bytes
+        return view
 
     # --- the writer (the pipeline) -------------------------------------------------------------
     def begin(self) -> None:
@@ -160,6 +172,8 @@ class InstallStatus:
             step = self.step(key)
             step.state = StepState.DONE
             step.ended = time.monotonic()
+            if self.progress.step == key:
+                step.bytes = self.progress.done
 
         self._change(apply)
 

@@ -24,7 +24,10 @@ def test_snapshot_shape_and_transitions() -> None:
     snap = status.snapshot()
     assert snap["status"] == "error" and snap["step"] == "download"
     assert snap["progress"][0]["status"] == "done"
-    assert snap["progress"][3] == {
+    assert "seconds" not in snap["progress"][1]  # never started
+    failed = dict(snap["progress"][3])
+    assert failed.pop("seconds") >= 0
+    assert failed == {
         "comment": "Downloading image",
         "status": "error",
         "error": "Could not download image located: http://x/y .",
@@ -61,6 +64,8 @@ def test_plain_printer_lines() -> None:
     status.start("download")
     status.update_progress(0, 2048)
     status.update_progress(2048, 2048)
+    status.done("download")
+    assert status.snapshot()["progress"][3]["bytes"] == 2048
     text = out.getvalue()
     assert "[   ...] Validating request" in text and "[    ok] Validating request" in text
     assert "download: 2.0 KiB / 2.0 KiB (100%)" in text
