@@ -517,6 +517,8 @@ _STEP = {
         "status": {"type": "string", "enum": ["todo", "doing", "done", "error"]},
         "error": {"type": "string", "description": "the step's result message when it failed"},
         "step": {"type": "string", "example": "download"},
+        "seconds": {"type": "number", "description": "how long the step ran (once started)"},
+        "bytes": {"type": "integer", "description": "bytes the step moved (download, write)"},
     },
 }
 _STATUS = {
