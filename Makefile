@@ -1,7 +1,7 @@
 # byoi-agent: the two README commands are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: deps demo test lint unit vm-test bench clean
+.PHONY: deps demo test lint unit vm-test rescue demo-pxe bench clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -15,18 +15,27 @@ test: deps lint
 	$(PY) -m pytest -q -ra
 
 lint: deps
-	.venv/bin/ruff check agent tests demo bench vm-fixtures examples
-	.venv/bin/ruff format --check agent tests demo bench vm-fixtures examples
+	.venv/bin/ruff check agent tests demo bench vm-fixtures examples rescue
+	.venv/bin/ruff format --check agent tests demo bench vm-fixtures examples rescue
 
 ## Only the fast tests (no VMs).
 unit: deps
 	$(PY) -m pytest -q -ra -m "not vm"
 
 vm-test: deps
-	$(PY) -m pytest -q -ra -m vm tests/vm
+	$(PY) -m pytest -q -ra -m vm tests/vm tests/pxe
+
+## The PXE-bootable rescue environment (kernel + initramfs) in rescue/out/.
+rescue: deps
+	$(PY) rescue/build.py
+
+## The whole production flow in QEMU: network boot, orchestrator, install, reboot (UEFI and BIOS).
+demo-pxe: deps
+	$(PY) examples/pxe_orchestrator.py --firmware uefi
+	$(PY) examples/pxe_orchestrator.py --firmware bios
 
 bench: deps
-	$(PY) bench/bench_download.py
+	$(PY) -m bench.bench_download
 
 clean:
-	rm -rf .venv .pytest_cache .ruff_cache vm-fixtures/out bench/out .cache
+	rm -rf .venv .pytest_cache .ruff_cache vm-fixtures/out rescue/out bench/out .cache

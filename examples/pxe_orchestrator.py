@@ -90,6 +90,7 @@ class BootServer:
         self.root, self.token = root, token
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.rejected = 0
+        self.served: list[str] = []  # paths of successful GETs: proof of what the VM fetched
         handler = functools.partial(self._Handler, self, directory=str(root))
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.port = self.httpd.server_address[1]
@@ -122,8 +123,11 @@ class BootServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+                self.boot.served.append(self.path)
                 return
             super().do_GET()
+            if (self.boot.root / self.path.lstrip("/")).is_file():
+                self.boot.served.append(self.path)
 
         def do_POST(self) -> None:  # noqa: N802 - stdlib name
             length = int(self.headers.get("Content-Length") or 0)
@@ -383,6 +387,7 @@ def run_flow(firmware: str, workdir: Path, stages: Stages, timeout: float = 900)
         finally:
             rescue_vm.stop()
         summary["callbacks_rejected"] = server.rejected
+        summary["served"] = sorted(set(server.served))
 
     with stages.stage("boot the installed disk"):
         console = boot_disk(workdir, disk, firmware, vars_file, timeout)

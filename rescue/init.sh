@@ -48,6 +48,7 @@ TOKEN_URL=""
 CALLBACK=""
 DISK=""
 HINTS=""
+set -f # words are split (command line, hints) but never globbed from here on
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         byoi.listen=*) LISTEN="${arg#byoi.listen=}" ;;
@@ -68,8 +69,7 @@ while [ $i -lt 50 ] && ! ls /sys/class/net | grep -qv '^lo$'; do
     i=$((i + 1))
 done
 : >/run/byoi-address
-for path in /sys/class/net/*; do
-    nic="${path##*/}"
+for nic in $(ls /sys/class/net); do
     [ "$nic" = lo ] && continue
     busybox ip link set "$nic" up
     # -n: give up rather than loop forever on a NIC without DHCP; -q: quit once configured.
