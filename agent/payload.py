@@ -268,16 +268,22 @@ def _check_url(url: str) -> None:
         register_secret(parts.password)
 
 
+# What cloud-init (Linux, BSD) and cloudbase-init (Windows) recognise as user data.
+_USER_DATA_HEADERS = (
+    b"#cloud-config",
+    b"#!",
+    b"#include",
+    b"#cloud-boothook",
+    b"content-type: multipart",
+    b"mime-version:",
+    b"#ps1",  # also #ps1_sysnative, #ps1_x86
+    b"rem cmd",
+)
+
+
 def _looks_like_user_data(data: bytes) -> bool:
     head = data.lstrip()[:200].lower()
-    return (
-        head.startswith(b"#cloud-config")
-        or head.startswith(b"#!")
-        or head.startswith(b"#include")
-        or head.startswith(b"#cloud-boothook")
-        or head.startswith(b"content-type: multipart")
-        or head.startswith(b"mime-version:")
-    )
+    return head.startswith(_USER_DATA_HEADERS) or b"<powershell>" in head or b"<script>" in head
 
 
 def decode_user_data(value: Any) -> bytes | None:

@@ -98,6 +98,10 @@ def test_metadata_as_json_string_and_indexed_merge() -> None:
         ),
         (base64.b64encode(b"#!/bin/bash\necho ok\n").decode(), b"#!/bin/bash\necho ok\n"),
         ("#cloud-config\\nruncmd:\\n  - echo a\\n", b"#cloud-config\nruncmd:\n  - echo a\n"),
+        (
+            base64.b64encode(b"#ps1_sysnative\nWrite-Host ok\n").decode(),
+            b"#ps1_sysnative\nWrite-Host ok\n",
+        ),
         # base64-looking but not user data once decoded: kept as is
         ("aGVsbG8gd29ybGQ=", b"aGVsbG8gd29ybGQ="),
     ],
