@@ -6,6 +6,7 @@ size an image was made for) are pure functions so they can be tested without a d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -14,7 +15,8 @@ import os
 import shutil
 import stat
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -225,6 +227,18 @@ def wipe_stale_metadata(disk: Disk) -> None:
     reread_partition_table(path)
 
 
+def invalidate(path: str) -> None:
+    """Make a half-written disk unbootable and obviously empty: zero its first and last MiB.
+
+    After a write that failed or was interrupted, the disk holds the head of an image (its
+    partition table and boot code) over a partial rest: firmware would boot into a broken
+    system. Without its tables nothing boots, and every tool reports the disk as empty.
+    """
+    size = size_bytes(path)
+    _zero(path, wipe_regions(size, logical_sector_size(path)))
+    log.warning("cleared the partition tables of the partially written %s", path)
+
+
 # --- re-reading the partition table -------------------------------------------------------------
 
 
@@ -232,7 +246,36 @@ def _is_ebusy(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.EBUSY
 
 
+_CLAIMED: dict[str, int] = {}
+_CLAIMED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def claimed(path: str, fd: int) -> Iterator[None]:
+    """Record that this process holds ``path`` open with ``O_EXCL`` on ``fd`` (agent/claim.py).
+
+    The kernel refuses BLKRRPART through any other descriptor of a claimed disk (EBUSY), so the
+    re-read uses this one while the claim lasts.
+    """
+    with _CLAIMED_LOCK:
+        _CLAIMED[path] = fd
+    try:
+        yield
+    finally:
+        with _CLAIMED_LOCK:
+            _CLAIMED.pop(path, None)
+
+
+def claimed_fd(path: str) -> int | None:
+    with _CLAIMED_LOCK:
+        return _CLAIMED.get(path)
+
+
 def _blkrrpart(path: str) -> None:
+    held = claimed_fd(path)
+    if held is not None:
+        fcntl.ioctl(held, BLKRRPART)
+        return
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, BLKRRPART)

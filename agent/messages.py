@@ -113,6 +113,14 @@ def disk_busy(device: str, reason: str) -> str:
     return f"Target disk {device} is busy: {reason}."
 
 
+def disk_changed(device: str, reason: str) -> str:
+    return f"Target disk {device} changed since it was chosen; nothing written: {reason}."
+
+
+def interrupted(step: str) -> str:
+    return f"Install interrupted by a signal during step {step or 'start'}."
+
+
 def disk_not_eligible(device: str, reason: str) -> str:
     return f"Target disk {device} cannot be used: {reason}."
 

@@ -239,6 +239,90 @@ def _drive_is_iso(drive: Path) -> bool:
         return f.read(5) == b"CD001"
 
 
+# --- before writing -----------------------------------------------------------------------------
+
+
+def relocated(table: Table, disk_sectors: int) -> Table:
+    """The image's table as it will read on the disk after ``sgdisk -e`` (pure): a GPT's usable
+    area then ends before a standard 16 KiB backup entry array and header at the disk's end."""
+    if table.label != "gpt":
+        return table
+    last = disk_sectors - 2 - 16384 // table.sector_size
+    return Table(table.label, table.sector_size, table.partitions, table.first_lba, last)
+
+
+def _image_copy(image: Path, fmt: str, virtual_size: int, out: Path, length: int) -> Path:
+    """A sparse raw file of the image's size holding its first ``length`` bytes: enough for a
+    partition tool to read the table of a qcow2 image without converting all of it."""
+    count = min(length, virtual_size) // 512
+    run(
+        ["qemu-img", "dd", "-f", fmt, "-O", "raw", "bs=512", f"count={count}"]
+        + [f"if={image}", f"of={out}"],
+        timeout=120,
+    )
+    os.truncate(out, virtual_size)
+    return out
+
+
+def _image_labels(image: Path, fmt: str, table: Table, scratch: Path) -> dict[int, tuple[str, str]]:
+    """(LABEL, TYPE) at the start of each partition of the image (its first 64 KiB)."""
+    labels = {}
+    for part in table.partitions:
+        if part.type in EXTENDED_TYPES:
+            continue
+        offset, length = part.start * table.sector_size, min(part.size * table.sector_size, 65536)
+        if fmt == "raw":
+            labels[part.number] = probe_label(str(image), offset, length)
+            continue
+        chunk = scratch / f"part{part.number}.head"
+        try:
+            # a raw window over the image's format (qemu-img dd's skip/count semantics differ
+            # between qemu versions)
+            window = f"driver=raw,offset={offset},size={length},file.driver={fmt}"
+            run(
+                ["qemu-img", "convert", "--image-opts", f"{window},file.file.filename={image}"]
+                + ["-O", "raw", str(chunk)],
+                timeout=120,
+            )
+            labels[part.number] = probe_label(str(chunk), 0, length)
+        finally:
+            chunk.unlink(missing_ok=True)
+    return labels
+
+
+def check_room(
+    image: Path, fmt: str, virtual_size: int, disk: DiskLike, drive: Path, scratch: Path
+) -> None:
+    """Refuse, before anything is written, an image that leaves no place for the config drive.
+
+    The image's partitions are read from the image itself and the config-drive partition is
+    planned as ``add_config_drive`` will plan it on the disk (after the GPT move): an image that
+    ends (almost) at the disk's end, or an MBR image with four primaries and no config-2
+    partition of its own, would otherwise be written, wiping the disk, and only then fail.
+    Unreadable tables are left to the steps after the write, which check again.
+    """
+    copy = scratch / "table.img"
+    ss = disk.logical_sector_size
+    try:
+        source = image if fmt == "raw" else _image_copy(image, fmt, virtual_size, copy, MIB)
+        listing = run(["sfdisk", "--json", str(source)], timeout=60).stdout
+        table = parse_sfdisk_json(listing, str(source))
+        existing = find_existing(table, _image_labels(image, fmt, table, scratch))
+    except (ToolError, OSError, KeyError, ValueError) as exc:
+        log.info("config-drive room not checked before the write: %s", exc)
+        return
+    finally:
+        copy.unlink(missing_ok=True)
+    if table.sector_size != ss or existing is not None:
+        return  # sfdisk reads files with 512-byte sectors; the sector-size check is inspect's
+    try:
+        plan_new_partition(relocated(table, disk.size // ss), disk.size // ss, drive.stat().st_size)
+    except ValueError as exc:
+        raise InstallError(
+            messages.CONFIGDRIVE_FAILED, f"{disk.path}: nothing written: {exc}"
+        ) from None
+
+
 # --- public steps -------------------------------------------------------------------------------
 
 

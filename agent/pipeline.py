@@ -3,23 +3,45 @@
 Order matters for safety: everything that can refuse the request without touching the disk
 (validation, memory, disk choice and busy checks, download, checksum, format and size checks)
 runs before the first byte is written. The disk is re-checked for business right before the
-wipe, since minutes may have passed during the download.
+wipe, since minutes may have passed during the download; it is pinned by identity when chosen
+and held with ``O_EXCL`` from the wipe to the config drive (agent/claim.py), so a renamed or
+swapped device node is refused instead of written.
+
+A SIGTERM, SIGINT or SIGHUP (when the install runs in the main thread, as the CLI's does) ends
+the install like any failure: one result message, the download area unmounted and removed, the
+image writer killed. A write cut short leaves no partition table behind (nothing half-written
+can boot); the short steps after it (GPT move, config drive) finish before the signal is acted
+on, since a partition tool killed half-way leaves a broken table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
-from agent import blockdev, bootloader, configdrive, disks, download, inspect, memory, partition
+from agent import (
+    blockdev,
+    bootloader,
+    claim,
+    configdrive,
+    disks,
+    download,
+    inspect,
+    memory,
+    partition,
+)
 from agent import messages as msg
 from agent.checksum import verify
 from agent.messages import InstallError
 from agent.payload import InstallRequest
 from agent.status import InstallStatus
-from agent.workspace import download_area
+from agent.workspace import clean_stale, download_area
 from agent.writer import write_image
 
 log = logging.getLogger(__name__)
@@ -41,6 +63,63 @@ def download_settings(ca_bundle: str | None = None) -> download.DownloadSettings
     if ca_bundle is None:
         return None
     return download.DownloadSettings(ca_bundle=ca_bundle)
+
+
+class Interrupted(Exception):
+    """A termination signal arrived during the install."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Signals:
+    """Termination signals turned into ``Interrupted``, raised once, at a safe point.
+
+    Only the first signal counts (a second one must not cut the cleanup of the first), and
+    inside ``deferred()`` it is held until the block ends.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.raised = False
+        self.deferring = 0
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        log.warning("received %s: stopping the install", signal.Signals(signum).name)
+        if not self.deferring:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.received is not None and not self.raised:
+            self.raised = True
+            raise Interrupted(self.received)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+        self._raise()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals are the main thread's business (the API server handles them)
+            return
+        previous = {s: signal.signal(s, self.handler) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def run_install(request: InstallRequest, options: InstallOptions, status: InstallStatus) -> bool:
@@ -82,9 +161,15 @@ class _Steps:
 def _run_locked(request: InstallRequest, options: InstallOptions, status: InstallStatus) -> bool:
     step = _Steps(status)
     status.begin()
+    signals = _Signals()
     try:
-        _install(request, options, status, step)
+        with signals.installed():
+            _install(request, options, status, step, signals)
     except InstallError:
+        return False
+    except (Interrupted, KeyboardInterrupt) as exc:
+        log.warning("install interrupted during step %s (%s)", step.current, exc)
+        status.fail(step.current or "validate", msg.interrupted(step.current))
         return False
     except Exception as exc:  # an unforeseen failure still ends with one clear message
         log.exception("unexpected failure in step %s", step.current)
@@ -106,13 +191,19 @@ def _unexpected_message(step: str, request: InstallRequest, exc: Exception) -> s
 
 
 def _install(
-    request: InstallRequest, options: InstallOptions, status: InstallStatus, step: _Steps
+    request: InstallRequest,
+    options: InstallOptions,
+    status: InstallStatus,
+    step: _Steps,
+    signals: _Signals,
 ) -> None:
     with step("validate"):
         for warning in request.warnings:
             status.warn(warning)
 
     with step("memory"):
+        # A killed agent's tmpfs still holds its image: free that RAM before measuring it.
+        clean_stale(options.workdir.resolve())
         budget = memory.image_budget()
         if budget <= 0:
             raise InstallError(msg.too_big_for_memory(request.image_type))
@@ -120,6 +211,7 @@ def _install(
     with step("disk"):
         target = disks.select_target(options.disk, options.hints)
         disks.check_not_busy(target)
+        pinned = claim.pin(target.path, target.major, target.minor, target.size)
         status.set_disk(target.path)
         log.info("target disk: %s (%s)", target.path, target.reason)
 
@@ -145,31 +237,6 @@ def _install(
             info = inspect.inspect_image(image_path, request.image_type)
             inspect.check_fits_disk(info, target.path, target.size)
             inspect.check_sector_size(info, target.path, target.logical_sector_size)
-
-        with step("write"):
-            disks.check_not_busy(target)
-            try:
-                blockdev.wipe_stale_metadata(target)
-            except InstallError:
-                raise
-            except Exception as exc:
-                raise InstallError(msg.cant_write(request.image_type), str(exc)) from None
-            write_image(
-                image_path,
-                info.format,
-                target.path,
-                request.image_type,
-                info.virtual_size,
-                on_progress=status.update_progress,
-            )
-            image_path.unlink()
-            _reread(target.path)
-
-        with step("gpt"):
-            if partition.table_type(target.path) == "gpt":
-                partition.relocate_backup_gpt(target)
-
-        with step("configdrive"):
             drive = area / "configdrive.img"
             try:
                 configdrive.build_drive(request, drive, sector_size=target.logical_sector_size)
@@ -177,13 +244,59 @@ def _install(
                 raise
             except Exception as exc:
                 raise InstallError(msg.CONFIGDRIVE_FAILED, f"building the drive: {exc}") from None
-            partition.add_config_drive(target, drive)
+            partition.check_room(
+                image_path, info.format, info.virtual_size, target, drive, scratch=area
+            )
+
+        with contextlib.ExitStack() as held:
+            with step("write"):
+                disks.check_not_busy(target)
+                fd = held.enter_context(claim.hold(pinned))
+                _write(request, target, image_path, info, status)
+            with step("gpt"), signals.deferred():
+                claim.check_same(pinned, fd)
+                if partition.table_type(target.path) == "gpt":
+                    partition.relocate_backup_gpt(target)
+            with step("configdrive"), signals.deferred():
+                claim.check_same(pinned, fd)
+                partition.add_config_drive(target, drive)
 
     with step("bootloader"):
         if request.efi_bootloader_path:
             _boot_entry(request.efi_bootloader_path, target.path, status)
 
     status.finish(msg.install_done(target.path))
+
+
+def _write(
+    request: InstallRequest,
+    target: disks.Disk,
+    image_path: Path,
+    info: inspect.ImageInfo,
+    status: InstallStatus,
+) -> None:
+    """Wipe, write and verify; a failure or an interrupt after the wipe clears the disk's
+    tables, so that a partial image never looks like an installed system."""
+    try:
+        blockdev.wipe_stale_metadata(target)
+        write_image(
+            image_path,
+            info.format,
+            target.path,
+            request.image_type,
+            info.virtual_size,
+            on_progress=status.update_progress,
+        )
+    except BaseException as exc:
+        try:
+            blockdev.invalidate(target.path)
+        except Exception as cleanup:  # noqa: BLE001 - the original failure is what matters
+            log.error("could not clear %s after a failed write: %s", target.path, cleanup)
+        if isinstance(exc, (InstallError, Interrupted, KeyboardInterrupt)):
+            raise
+        raise InstallError(msg.cant_write(request.image_type), str(exc)) from None
+    image_path.unlink()
+    _reread(target.path)
 
 
 def _reread(path: str) -> None:
