@@ -81,6 +81,9 @@ class DownloadResult:
     path: Path
     size: int
     digest: str | None  # hex digest of checksum_type, None without a checksum type
+    # False when the server sent neither Content-Length nor chunked encoding: the body ended when
+    # the connection closed, so a truncation could not be told from the end of the file.
+    length_verified: bool = True
 
 
 class _Transient(Exception):
@@ -142,7 +145,11 @@ def download(
     log.info(
         "downloaded %s: %d bytes in %.1f s (%.0f MB/s)", shown, size, elapsed, size / elapsed / 1e6
     )
-    return DownloadResult(dest, size, digest)
+    if not job.delimited:
+        log.warning(
+            "%s came without Content-Length or chunked encoding: its end is unverified", shown
+        )
+    return DownloadResult(dest, size, digest, job.delimited)
 
 
 # --- decisions (pure) ---------------------------------------------------------------------------
@@ -353,6 +360,7 @@ class _Job:
         self.s = settings
         self.done = 0
         self.total: int | None = None
+        self.delimited = True  # the body's end is known (Content-Length, chunked, Content-Range)
         self.validator: str | None = None
         self.etag: str | None = None
         self.failures_without_progress = 0
@@ -517,6 +525,8 @@ class _Job:
             log.info("the server did not resume (Range ignored or file changed): starting over")
             self._restart()
         self.total = content_length(response.headers)
+        encoding = response.headers.get("transfer-encoding", "").lower()
+        self.delimited = self.total is not None or "chunked" in encoding
         self.validator = resume_validator(response.headers)
         self.etag = response.headers.get("etag")
         self._check_budget(self.total, "Content-Length")

@@ -136,6 +136,11 @@ def sector_size_mismatch(image_sector: int, device: str, disk_sector: int) -> st
     )
 
 
+UNVERIFIED_DOWNLOAD = (
+    "the image server sent neither Content-Length nor chunked encoding and no checksum was "
+    "given: a download cut short could not be detected; give imageCheckSum to be sure."
+)
+
 EFI_ON_LEGACY = (
     "efiBootloaderPath ignored: the rescue system was not booted with UEFI, "
     "so no EFI boot entry can be created."

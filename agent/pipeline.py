@@ -232,6 +232,8 @@ def _install(
         with step("checksum"):
             if request.checksum_type and request.checksum:
                 verify(request.checksum_type, result.digest or "", request.checksum)
+            elif not result.length_verified:
+                status.warn(msg.UNVERIFIED_DOWNLOAD)
 
         with step("inspect"):
             info = inspect.inspect_image(image_path, request.image_type)

@@ -478,7 +478,14 @@ def test_missing_length_over_budget_aborts_early(server: BadServer, out: Path) -
 
 def test_within_budget_without_length(server: BadServer, out: Path) -> None:
     server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req, length=None)
-    assert_ok(fetch(server.url("/img"), out, memory_budget=len(PAYLOAD)), out)
+    result = fetch(server.url("/img"), out, memory_budget=len(PAYLOAD))
+    assert_ok(result, out)
+    assert not result.length_verified  # the end of a close-delimited body is unverifiable
+
+
+def test_length_verified_with_content_length(server: BadServer, out: Path) -> None:
+    server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req)
+    assert fetch(server.url("/img"), out).length_verified
 
 
 def test_budget_exact_and_one_byte_short(server: BadServer, out: Path) -> None:
