@@ -165,6 +165,16 @@ def read_system_state(proc_swaps: Path = Path("/proc/swaps")) -> SystemState:
                 devno = _devno(os.stat(part.mountpoint).st_dev)
         mounts.append(Mount(part.device, part.mountpoint, devno))
     # A ramdisk root (rootfs/tmpfs/overlay) is skipped above; its dev number is anonymous anyway.
+    # In a chroot (or a mount namespace) the mount that holds "/" may not be listed at all, so
+    # the system mount points are also identified by the device their files live on.
+    listed = {m.where for m in mounts}
+    for where in SYSTEM_MOUNTPOINTS:
+        if where in listed:
+            continue
+        with contextlib.suppress(OSError):
+            devno = _devno(os.stat(where).st_dev)
+            if devno:
+                mounts.append(Mount(f"block device {devno[0]}:{devno[1]}", where, devno))
     swaps: list[Mount] = []
     with contextlib.suppress(OSError):
         for line in proc_swaps.read_text().splitlines()[1:]:

@@ -14,6 +14,8 @@ APT_PACKAGES=(
   curl nginx-light ca-certificates libarchive-tools
   # VM tests and the rescue image
   qemu-system-x86 ovmf seabios ipxe-qemu busybox-static cpio zstd xz-utils debootstrap
+  # runtime libraries of the unpacked grub-mkstandalone / grub-mkimage (vm-fixtures)
+  libdevmapper1.02.1 liblzma5
 )
 
 missing=()

@@ -455,6 +455,20 @@ def test_real_discovery_never_offers_the_root_disk_or_loops() -> None:
             assert not disk.eligible
 
 
+def test_root_disk_found_when_its_mount_is_not_listed(monkeypatch) -> None:
+    """In a chroot the mount holding "/" is invisible in /proc/mounts: the device that "/"
+    lives on still marks its disk as the running system's (seen in a debootstrap chroot)."""
+    monkeypatch.setattr(disks.psutil, "disk_partitions", lambda all=True: [])
+    state = disks.read_system_state()
+    root = os.stat("/").st_dev
+    assert any(m.where == "/" and m.devno == (os.major(root), os.minor(root)) for m in state.mounts)
+    if os.major(root) == 0:
+        pytest.skip("/ is not on a block device here (ramdisk root)")
+    found = disks.system_disks(state)
+    assert found, "the disk holding / was not recognised"
+    assert all("holds the running system" in why for why in found.values())
+
+
 def _run(*args: str) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True, timeout=60).stdout
 
