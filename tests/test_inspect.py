@@ -19,9 +19,12 @@ from agent.messages import InstallError
 from demo.sample_image import build_image
 
 
-def qemu_img(*args: str) -> None:
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+def qemu_img(*args: str, attempts: int = 1) -> None:
+    for _ in range(attempts):
+        proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=120)
+        if proc.returncode == 0:
+            return
+    raise AssertionError(proc.stderr)
 
 
 def refused(path: Path, declared: str) -> str:
@@ -63,6 +66,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "encrypt.format=luks,encrypt.key-secret=sec0",
         str(out["encrypted"]),
         "16M",
+        # LUKS times its key derivation with per-thread CPU time, which a loaded machine can
+        # report as 0 ms ("Unable to get accurate CPU usage"): a new try then succeeds.
+        attempts=5,
     )
     out["ext4"] = d / "fs.raw"
     with open(out["ext4"], "wb") as f:
