@@ -149,13 +149,11 @@ class _Steps:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
         if exc is None:
             self.status.done(self.current)
-            return False
-        if isinstance(exc, InstallError):
+        elif isinstance(exc, InstallError):
             if exc.detail:
                 log.error("%s failed: %s", self.current, exc.detail)
             self.status.fail(self.current, exc.message)
-            return False
-        return False
+        return False  # the error goes on up: it ends the install
 
 
 def _run_locked(request: InstallRequest, options: InstallOptions, status: InstallStatus) -> bool:

@@ -36,10 +36,6 @@ def is_sensitive_header(name: str) -> bool:
     return name.lower() in _SENSITIVE_HEADERS
 
 
-def redact_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {k: (MASK if is_sensitive_header(k) else v) for k, v in headers.items()}
-
-
 def register_secret(value: str | None) -> None:
     """Remember a secret so that ``scrub`` removes it from any text."""
     if value and len(value) >= 4:

@@ -177,10 +177,6 @@ class InstallStatus:
 
         self._change(apply)
 
-    def skip(self, key: str) -> None:
-        """A step that does not apply to this install counts as done, with nothing to do."""
-        self.done(key)
-
     def warn(self, text: str) -> None:
         self._change(lambda: self.warnings.append(text))
 
