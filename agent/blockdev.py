@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -17,8 +16,6 @@ import stat
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tenacity import (
     Retrying,
@@ -27,10 +24,9 @@ from tenacity import (
     wait_exponential,
 )
 
+from agent import ptable
 from agent.tools import ToolError, run
-
-if TYPE_CHECKING:
-    from agent.disks import Disk
+from agent.units import GPT_SIGNATURE, MiB
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +36,7 @@ BLKPBSZGET = 0x127B
 BLKFLSBUF = 0x1261
 BLKGETSIZE64 = 0x80081272
 
-MiB = 1024**2
 WIPE_SPAN = MiB  # zeroed at the head and tail of the disk and of every old partition
-GPT_SIGNATURE = b"EFI PART"
 Region = tuple[int, int]  # (offset, length) in bytes
 
 
@@ -150,93 +144,66 @@ def wipe_regions(
 def old_partitions(path: str) -> list[Region]:
     """(offset, length) of every partition in the disk's current table (sfdisk), or []."""
     try:
-        proc = run(["sfdisk", "--json", path], timeout=60)
-        table = json.loads(proc.stdout)["partitiontable"]
+        table = ptable.read_table(path)
     except (ToolError, ValueError, KeyError) as exc:
         log.debug("no readable partition table on %s: %s", path, exc)
         return []
-    sector = int(table.get("sectorsize", 512))
-    return [
-        (int(p["start"]) * sector, int(p["size"]) * sector)
-        for p in table.get("partitions", [])
-        if int(p.get("size", 0)) > 0
-    ]
+    ss = table.sector_size
+    return [(p.start * ss, p.size * ss) for p in table.partitions if p.size > 0]
 
 
-def partition_nodes(name: str, sysfs: Path = Path("/sys"), dev: Path = Path("/dev")) -> list[str]:
-    """Device nodes of the partitions the kernel currently knows on disk ``name``."""
-    sysdir = sysfs / "block" / name
+def stale_regions(path: str) -> list[Region]:
+    """Where the disk's old metadata lives, to be cleared before an image is written.
+
+    An image rarely covers the whole disk, so whatever it does not overwrite survives: a backup
+    GPT at the disk's end next to a new MBR confuses firmware and tools, an old md or LVM
+    superblock gets assembled at boot. The regions: the first and last MiB, the head and tail
+    of every partition in the current table (read by offset: this kernel may have no nodes for
+    them) and a mid-disk backup GPT found through the primary header. The writer zeroes those
+    the image's copy does not overwrite anyway.
+    """
+    size = size_bytes(path)
+    sector = logical_sector_size(path)
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    return wipe_regions(size, sector, old_partitions(path), alternate_gpt_regions(head, size))
+
+
+def flush(path: str) -> None:
+    """fsync the device and drop its page cache (what is read next comes from the disk)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        names = sorted(p.name for p in sysdir.iterdir() if (p / "partition").is_file())
-    except OSError:
-        return []
-    return [str(dev / n) for n in names if (dev / n).exists()]
-
-
-# --- wiping -------------------------------------------------------------------------------------
-
-
-def _zero(path: str, regions: list[Region]) -> None:
-    zeros = bytes(WIPE_SPAN)
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        for offset, length in regions:
-            done = 0
-            while done < length:
-                chunk = min(len(zeros), length - done)
-                written = os.pwrite(fd, zeros[:chunk], offset + done)
-                if written <= 0:
-                    raise OSError(errno.EIO, f"short write at {offset + done}")
-                done += written
         os.fsync(fd)
         if stat.S_ISBLK(os.fstat(fd).st_mode):
-            # Drop the device's page cache: the image is written with O_DIRECT next, and no
-            # page cached before it (ours, or a reader's) may shadow what reaches the disk.
             fcntl.ioctl(fd, BLKFLSBUF)
     finally:
         os.close(fd)
 
 
-def wipe_stale_metadata(disk: Disk) -> None:
-    """Remove every old partition table and signature before an image is written.
-
-    An image rarely covers the whole disk, so whatever it does not overwrite survives: a backup
-    GPT at the disk's end next to a new MBR confuses firmware and tools, an old md or LVM
-    superblock gets assembled at boot. In order: ``wipefs --all`` on the partition nodes the
-    kernel has (if any), the head and tail of every partition in the current table zeroed by
-    offset (this kernel may have no nodes for them), ``wipefs --all`` on the whole disk, then the
-    first and last MiB zeroed at the real end of the device, and a mid-disk backup GPT found
-    through the primary header. The kernel is then told to forget the old partitions.
-    """
-    path = disk.path
-    size = size_bytes(path)
-    sector = logical_sector_size(path)
-    with open(path, "rb") as f:
-        head = f.read(8192)
-    regions = wipe_regions(size, sector, old_partitions(path), alternate_gpt_regions(head, size))
-    for node in partition_nodes(disk.name):
-        run(["wipefs", "--all", "--force", node], timeout=120)
-    run(["wipefs", "--all", "--force", path], timeout=120)
-    _zero(path, regions)
-    log.info(
-        "wiped stale metadata on %s: %d regions, %d bytes zeroed",
-        path,
-        len(regions),
-        sum(length for _, length in regions),
-    )
-    reread_partition_table(path)
+def zero(path: str, regions: Sequence[Region]) -> None:
+    """Zero byte ranges of the disk, durably."""
+    zeros = bytes(4 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for offset, length in regions:
+            done = 0
+            while done < length:
+                done += os.pwrite(fd, zeros[: min(len(zeros), length - done)], offset + done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    flush(path)
 
 
 def invalidate(path: str) -> None:
     """Make a half-written disk unbootable and obviously empty: zero its first and last MiB.
 
-    After a write that failed or was interrupted, the disk holds the head of an image (its
-    partition table and boot code) over a partial rest: firmware would boot into a broken
-    system. Without its tables nothing boots, and every tool reports the disk as empty.
+    After a write that failed, the disk may hold the final tables over a partial or wrong rest:
+    without its tables nothing boots, and every tool reports the disk as empty.
     """
     size = size_bytes(path)
-    _zero(path, wipe_regions(size, logical_sector_size(path)))
-    log.warning("cleared the partition tables of the partially written %s", path)
+    zero(path, wipe_regions(size, logical_sector_size(path)))
+    log.warning("cleared the partition tables of %s", path)
 
 
 # --- re-reading the partition table -------------------------------------------------------------

@@ -152,3 +152,25 @@ def check_same(pinned: Pin, fd: int) -> None:
         raise InstallError(msg.disk_changed(pinned.path, f"node gone: {exc.strerror}")) from None
     if st.st_rdev != os.fstat(fd).st_rdev:
         raise InstallError(msg.disk_changed(pinned.path, "the node now names another device"))
+
+
+@contextlib.contextmanager
+def locked(path: str) -> Iterator[None]:
+    """One install per disk across processes: a BSD ``flock(LOCK_EX)`` on the whole-disk node
+    for the whole install, the convention udev and systemd's tools honour (udev does not probe
+    a disk locked this way while it is being written). A disk another holder has locked is
+    refused as busy instead of waited for."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InstallError(msg.disk_changed(path, f"cannot be opened: {exc.strerror}")) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InstallError(
+                msg.disk_busy(path, "another install (or a partitioning tool) holds its lock")
+            ) from None
+        yield
+    finally:
+        os.close(fd)

@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--ca-bundle", metavar="FILE", help="extra CA certificates (PEM) for https image URLs"
         )
+        p.add_argument(
+            "--verify",
+            choices=("full", "sample", "none"),
+            default="sample",
+            help="read-back of the written image: all of it, its data and samples of its "
+            "zeroes (default), or none",
+        )
 
     p = sub.add_parser("install", help="run one install")
     p.add_argument("--payload", required=True, help="request JSON file, or - for stdin")
@@ -188,6 +195,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             hints=hints,
             workdir=args.workdir or DEFAULT_WORKDIR,
             download_settings=download_settings(args.ca_bundle),
+            verify=args.verify,
         )
         ok = run_install(request, options, status)
     except InstallError as exc:  # refused before the pipeline ran: validation

@@ -26,13 +26,12 @@ from agent import messages
 from agent.messages import InstallError
 from agent.payload import InstallRequest
 from agent.tools import ToolError, run
+from agent.units import CONFIG_DRIVE_MAX, MiB
 
 log = logging.getLogger(__name__)
 
 ISO_LABEL = "config-2"
 FAT_LABEL = "CONFIG-2"
-MIB = 1024 * 1024
-MAX_DRIVE = 64 * MIB
 DMI_UUID = Path("/sys/class/dmi/id/product_uuid")
 SYS_CLASS_NET = Path("/sys/class/net")
 DEFAULT_HOSTNAME_PREFIX = "byoi"
@@ -241,14 +240,14 @@ def fat_size(tree: dict[str, bytes], sector_size: int) -> int:
     dirs = {rel.rsplit("/", 1)[0] for rel in tree} | {"openstack"}
     data = sum(-(-max(len(v), 1) // cluster) * cluster for v in tree.values())
     need = data + len(dirs) * cluster + 64 * cluster + 256 * 1024
-    return -(-need // MIB) * MIB
+    return -(-need // MiB) * MiB
 
 
 def build_fat(tree: dict[str, bytes], out: Path, *, sector_size: int = 4096) -> Path:
     """Write ``tree`` as a FAT filesystem labelled ``CONFIG-2`` with ``sector_size`` sectors
     (mkfs.fat and mtools: no mount needed)."""
     size = fat_size(tree, sector_size)
-    if size > MAX_DRIVE:
+    if size > CONFIG_DRIVE_MAX:
         raise InstallError(messages.CONFIGDRIVE_FAILED, f"FAT drive would need {size} bytes")
     out.unlink(missing_ok=True)
     try:
@@ -301,7 +300,7 @@ def build_drive(
     else:
         build_fat(tree, out, sector_size=sector_size)
     size = out.stat().st_size
-    if size > MAX_DRIVE:
+    if size > CONFIG_DRIVE_MAX:
         out.unlink(missing_ok=True)
         raise InstallError(messages.CONFIGDRIVE_FAILED, f"drive is {size} bytes, over 64 MiB")
     log.info(

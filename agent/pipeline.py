@@ -20,7 +20,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -33,8 +33,9 @@ from agent import (
     disks,
     download,
     inspect,
+    layout,
     memory,
-    partition,
+    writer,
 )
 from agent import messages as msg
 from agent.checksum import verify
@@ -42,7 +43,6 @@ from agent.messages import InstallError
 from agent.payload import InstallRequest
 from agent.status import InstallStatus
 from agent.workspace import clean_stale, download_area
-from agent.writer import write_image
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class InstallOptions:
     hints: dict[str, str] = field(default_factory=dict)
     workdir: Path = DEFAULT_WORKDIR
     download_settings: download.DownloadSettings | None = None
+    verify: str = "sample"  # full | sample | none (agent/writer.py)
 
 
 def download_settings(ca_bundle: str | None = None) -> download.DownloadSettings | None:
@@ -100,6 +101,26 @@ class _Signals:
             self.raised = True
             raise Interrupted(self.received)
 
+    def request(self, signum: int) -> None:
+        """From another thread (the API server's signal handling): stop at the next check."""
+        if self.received is None:
+            self.received = signum
+            log.warning("stop requested (%s): stopping the install", signal.Signals(signum).name)
+
+    def check(self) -> None:
+        """A safe point: raise ``Interrupted`` if a stop was requested and is not deferred."""
+        if not self.deferring:
+            self._raise()
+
+    def watching(self, progress: Callable[[int, int | None], None]) -> Callable[..., None]:
+        """``progress`` that is also a safe point (downloads and writes report often)."""
+
+        def report(done: int, total: int | None) -> None:
+            progress(done, total)
+            self.check()
+
+        return report
+
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         self.deferring += 1
@@ -122,6 +143,9 @@ class _Signals:
                 signal.signal(s, handler)
 
 
+_ACTIVE: list[_Signals] = []  # the running install's stop switch (one install per process)
+
+
 def run_install(request: InstallRequest, options: InstallOptions, status: InstallStatus) -> bool:
     """Run one install; True on success. The status holds the result message either way."""
     if not INSTALL_LOCK.acquire(blocking=False):
@@ -132,11 +156,23 @@ def run_install(request: InstallRequest, options: InstallOptions, status: Instal
         INSTALL_LOCK.release()
 
 
+def request_stop(signum: int = signal.SIGTERM) -> bool:
+    """Ask the running install, in whatever thread, to end at its next safe point with the
+    interrupted message (a download or write reports progress often; the final table write is
+    not cut). True when an install was running. Its writer is killed and the disk left with
+    no partition table (agent/layout.py: the head is written last)."""
+    for signals in list(_ACTIVE):
+        signals.request(signum)
+        return True
+    return False
+
+
 class _Steps:
     """Runs one step at a time, turning its InstallError into the step's error state."""
 
-    def __init__(self, status: InstallStatus) -> None:
+    def __init__(self, status: InstallStatus, signals: _Signals) -> None:
         self.status = status
+        self.signals = signals
         self.current = ""
 
     def __call__(self, key: str) -> _Steps:
@@ -144,6 +180,7 @@ class _Steps:
         return self
 
     def __enter__(self) -> None:
+        self.signals.check()  # between steps: a safe point
         self.status.start(self.current)
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> bool:
@@ -157,9 +194,10 @@ class _Steps:
 
 
 def _run_locked(request: InstallRequest, options: InstallOptions, status: InstallStatus) -> bool:
-    step = _Steps(status)
-    status.begin()
     signals = _Signals()
+    step = _Steps(status, signals)
+    status.begin()
+    _ACTIVE.append(signals)
     try:
         with signals.installed():
             _install(request, options, status, step, signals)
@@ -173,13 +211,15 @@ def _run_locked(request: InstallRequest, options: InstallOptions, status: Instal
         log.exception("unexpected failure in step %s", step.current)
         status.fail(step.current or "validate", _unexpected_message(step.current, request, exc))
         return False
+    finally:
+        _ACTIVE.remove(signals)
     return True
 
 
 def _unexpected_message(step: str, request: InstallRequest, exc: Exception) -> str:
     if step == "download":
         return msg.download_failed(request.redacted_url)
-    if step == "write":
+    if step in ("write", "verify"):
         return msg.cant_write(request.image_type)
     if step == "gpt":
         return msg.GPT_MOVE_FAILED
@@ -206,60 +246,25 @@ def _install(
         if budget <= 0:
             raise InstallError(msg.too_big_for_memory(request.image_type))
 
-    with step("disk"):
-        target = disks.select_target(options.disk, options.hints)
-        disks.check_not_busy(target)
-        pinned = claim.pin(target.path, target.major, target.minor, target.size)
-        status.set_disk(target.path)
-        log.info("target disk: %s (%s)", target.path, target.reason)
+    with contextlib.ExitStack() as stack:
+        with step("disk"):
+            target = disks.select_target(options.disk, options.hints)
+            disks.check_not_busy(target)
+            pinned = claim.pin(target.path, target.major, target.minor, target.size)
+            stack.enter_context(claim.locked(target.path))
+            status.set_disk(target.path)
+            log.info("target disk: %s (%s)", target.path, target.reason)
 
-    with download_area(options.workdir, budget) as area:
-        image_path = area / "image"
-        with step("download"):
-            result = download.download(
-                request.image_url,
-                image_path,
-                headers=request.http_headers,
-                image_type=request.image_type,
-                checksum_type=request.checksum_type,
-                memory_budget=budget,
-                on_progress=status.update_progress,
-                settings=options.download_settings,
-            )
-
-        with step("checksum"):
-            if request.checksum_type and request.checksum:
-                verify(request.checksum_type, result.digest or "", request.checksum)
-            elif not result.length_verified:
-                status.warn(msg.UNVERIFIED_DOWNLOAD)
-
+        area = stack.enter_context(download_area(options.workdir, budget))
+        image_path = _fetch(request, options, status, step, signals, area / "image", budget)
         with step("inspect"):
             info = inspect.inspect_image(image_path, request.image_type)
             inspect.check_fits_disk(info, target.path, target.size)
             inspect.check_sector_size(info, target.path, target.logical_sector_size)
-            drive = area / "configdrive.img"
-            try:
-                configdrive.build_drive(request, drive, sector_size=target.logical_sector_size)
-            except InstallError:
-                raise
-            except Exception as exc:
-                raise InstallError(msg.CONFIGDRIVE_FAILED, f"building the drive: {exc}") from None
-            partition.check_room(
-                image_path, info.format, info.virtual_size, target, drive, scratch=area
-            )
-
-        with contextlib.ExitStack() as held:
-            with step("write"):
-                disks.check_not_busy(target)
-                fd = held.enter_context(claim.hold(pinned))
-                _write(request, target, image_path, info, status)
-            with step("gpt"), signals.deferred():
-                claim.check_same(pinned, fd)
-                if partition.table_type(target.path) == "gpt":
-                    partition.relocate_backup_gpt(target)
-            with step("configdrive"), signals.deferred():
-                claim.check_same(pinned, fd)
-                partition.add_config_drive(target, drive)
+        with step("prepare"):
+            drive, plan = _prepare(request, target, image_path, info, area)
+        job = _WriteJob(request, options, target, pinned, image_path, info, plan, drive)
+        job.run(status, step, signals)
 
     with step("bootloader"):
         if request.efi_bootloader_path:
@@ -268,35 +273,130 @@ def _install(
     status.finish(msg.install_done(target.path))
 
 
-def _write(
+def _fetch(
+    request: InstallRequest,
+    options: InstallOptions,
+    status: InstallStatus,
+    step: _Steps,
+    signals: _Signals,
+    image_path: Path,
+    budget: int,
+) -> Path:
+    """Download and checksum the image into the download area."""
+    with step("download"):
+        result = download.download(
+            request.image_url,
+            image_path,
+            headers=request.http_headers,
+            image_type=request.image_type,
+            checksum_type=request.checksum_type,
+            memory_budget=budget,
+            on_progress=signals.watching(status.update_progress),
+            settings=options.download_settings,
+        )
+    with step("checksum"):
+        if request.checksum_type and request.checksum:
+            verify(request.checksum_type, result.digest or "", request.checksum)
+        elif not result.length_verified:
+            status.warn(msg.UNVERIFIED_DOWNLOAD)
+    return image_path
+
+
+def _prepare(
     request: InstallRequest,
     target: disks.Disk,
     image_path: Path,
     info: inspect.ImageInfo,
-    status: InstallStatus,
-) -> None:
-    """Wipe, write and verify; a failure or an interrupt after the wipe clears the disk's
-    tables, so that a partial image never looks like an installed system."""
+    area: Path,
+) -> tuple[Path, layout.DiskPlan]:
+    """Build the config drive and plan the whole disk: every refusal before the first write."""
+    drive = area / "configdrive.img"
     try:
-        blockdev.wipe_stale_metadata(target)
-        write_image(
-            image_path,
-            info.format,
-            target.path,
-            request.image_type,
-            info.virtual_size,
-            on_progress=status.update_progress,
-        )
-    except BaseException as exc:
+        configdrive.build_drive(request, drive, sector_size=target.logical_sector_size)
+    except InstallError:
+        raise
+    except Exception as exc:
+        raise InstallError(msg.CONFIGDRIVE_FAILED, f"building the drive: {exc}") from None
+    stale = blockdev.stale_regions(target.path)
+    try:
+        plan = layout.plan(image_path, info.format, info.virtual_size, target, drive, stale, area)
+    except layout.PlanError as exc:
+        message = msg.CONFIGDRIVE_FAILED if exc.kind == "configdrive" else msg.GPT_MOVE_FAILED
+        raise InstallError(message, f"{target.path}: nothing written: {exc}") from None
+    return drive, plan
+
+
+@dataclass
+class _WriteJob:
+    """The write phase, on the held disk, in the order that keeps it safe (agent/layout.py):
+    the head is zeroed first and rewritten last, so the disk boots nothing until it is done.
+    Any failure after the first write clears the disk's first and last MiB again."""
+
+    request: InstallRequest
+    options: InstallOptions
+    target: disks.Disk
+    pinned: claim.Pin
+    image: Path
+    info: inspect.ImageInfo
+    plan: layout.DiskPlan
+    drive: Path
+    touched: bool = False
+
+    def run(self, status: InstallStatus, step: _Steps, signals: _Signals) -> None:
         try:
-            blockdev.invalidate(target.path)
+            with contextlib.ExitStack() as held:
+                self._steps(held, status, step, signals)
+        except BaseException as exc:
+            if self.touched:
+                self._clear()
+            if isinstance(exc, (InstallError, Interrupted, KeyboardInterrupt)):
+                raise
+            raise InstallError(msg.cant_write(self.request.image_type), repr(exc)) from None
+
+    def _steps(
+        self, held: contextlib.ExitStack, status: InstallStatus, step: _Steps, signals: _Signals
+    ) -> None:
+        path, plan, kind = self.target.path, self.plan, self.request.image_type
+        progress = signals.watching(status.update_progress)
+        with step("write"):
+            disks.check_not_busy(self.target)
+            fd = held.enter_context(claim.hold(self.pinned))
+            self.touched = True
+            _io(lambda: blockdev.zero(path, plan.zero_first), msg.cant_write(kind))
+            writer.checkpoint("body")
+            writer.copy_body(self.image, self.info.format, path, plan, kind, progress)
+        with step("verify"):
+            writer.verify_body(
+                self.image, self.info.format, path, plan, kind, self.options.verify, progress
+            )
+        self.image.unlink()  # its RAM is the rescue system's again
+        with step("configdrive"):
+            claim.check_same(self.pinned, fd)
+            _io(lambda: writer.write_drive(path, plan, self.drive), msg.CONFIGDRIVE_FAILED)
+            writer.checkpoint("tables")
+        table_failed = msg.GPT_MOVE_FAILED if plan.label == "gpt" else msg.CONFIGDRIVE_FAILED
+        with step("gpt"), signals.deferred():
+            claim.check_same(self.pinned, fd)
+            _io(lambda: writer.write_tail(path, plan), table_failed)
+            _io(lambda: writer.write_head(path, plan), table_failed)
+            _reread(path)
+            problems = writer.result_problems(path, plan)
+            if problems:
+                raise InstallError(table_failed, f"{path}: " + "; ".join(problems))
+
+    def _clear(self) -> None:
+        try:
+            blockdev.invalidate(self.target.path)
         except Exception as cleanup:  # noqa: BLE001 - the original failure is what matters
-            log.error("could not clear %s after a failed write: %s", target.path, cleanup)
-        if isinstance(exc, (InstallError, Interrupted, KeyboardInterrupt)):
-            raise
-        raise InstallError(msg.cant_write(request.image_type), str(exc)) from None
-    image_path.unlink()
-    _reread(target.path)
+            log.error("could not clear %s after a failed write: %s", self.target.path, cleanup)
+
+
+def _io(action: Callable[[], object], message: str) -> None:
+    """A device write: an OSError becomes the step's documented message."""
+    try:
+        action()
+    except OSError as exc:
+        raise InstallError(message, str(exc)) from None
 
 
 def _reread(path: str) -> None:

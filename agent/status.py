@@ -23,7 +23,9 @@ class StepState(StrEnum):
     ERROR = "error"
 
 
-# (key, OVHcloud-style comment). The order is the order the pipeline runs them in.
+# (key, OVHcloud-style comment). The order is the order the pipeline runs them in. The "gpt"
+# step writes the disk's final tables (GPT backup at the end, then the head): the install's last
+# write, which is why it comes after the config drive (agent/layout.py).
 STEPS: tuple[tuple[str, str], ...] = (
     ("validate", "Validating request"),
     ("memory", "Checking available memory"),
@@ -31,9 +33,11 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("download", "Downloading image"),
     ("checksum", "Verifying image checksum"),
     ("inspect", "Inspecting image format"),
+    ("prepare", "Preparing config drive and partition table"),
     ("write", "Writing image on disk"),
-    ("gpt", "Moving backup GPT to the end of disk"),
+    ("verify", "Verifying written image"),
     ("configdrive", "Creating config drive"),
+    ("gpt", "Moving backup GPT to the end of disk"),
     ("bootloader", "Configuring EFI boot entry"),
 )
 STEP_KEYS = tuple(key for key, _ in STEPS)
