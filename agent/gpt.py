@@ -204,13 +204,15 @@ def _entry_bytes(new: NewPartition, entry_size: int) -> bytes:
 
 
 def _protective(head: bytearray, disk_sectors: int) -> None:
-    """Cover the disk with the protective MBR entry (its size was the image's)."""
-    for slot in range(4):
-        pos = MBR_TABLE + 16 * slot
-        status, chs, kind, chs2, start, _size = MBR_ENTRY.unpack_from(head, pos)
-        if kind == PROTECTIVE:
-            size = min(disk_sectors - start, 0xFFFFFFFF)
-            MBR_ENTRY.pack_into(head, pos, status, chs, kind, chs2, start, size)
+    """Make a protective MBR cover the disk (its size was the image's). A hybrid MBR (other
+    entries beside the protective one) is left as it is, as gdisk leaves it."""
+    slots = [MBR_ENTRY.unpack_from(head, MBR_TABLE + 16 * i) for i in range(4)]
+    used = [(i, e) for i, e in enumerate(slots) if e[2] and e[5]]
+    if len(used) != 1 or used[0][1][2] != PROTECTIVE:
+        return
+    slot, (status, chs, kind, chs2, start, _size) = used[0]
+    size = min(disk_sectors - start, 0xFFFFFFFF)
+    MBR_ENTRY.pack_into(head, MBR_TABLE + 16 * slot, status, chs, kind, chs2, start, size)
 
 
 def relocated_gpt(

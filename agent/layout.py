@@ -318,6 +318,12 @@ def probe_labels(image: Path, fmt: str, table: Table, scratch: Path) -> dict[int
     return labels
 
 
+def _is_iso(drive: Path) -> bool:
+    with open(drive, "rb") as f:
+        f.seek(32768 + 1)
+        return f.read(5) == b"CD001"
+
+
 def plan(
     image: Path,
     fmt: str,
@@ -329,6 +335,8 @@ def plan(
 ) -> DiskPlan:
     """Read what the plan needs from the image and lay it out on ``disk`` (nothing written)."""
     ss = disk.logical_sector_size
+    if ss != 512 and _is_iso(drive):
+        raise PlanError("configdrive", f"an ISO 9660 drive is unreadable on {ss}-byte sectors")
     try:
         head = read_head(image, fmt, virtual_size, ss, scratch)
     except (ToolError, OSError) as exc:
