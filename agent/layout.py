@@ -245,7 +245,7 @@ def layout(
         ends.append(start * ss)
     body = (len(head), max(0, min(ends) - len(head)))
     clear = [(0, len(head)), *stale, (body[0] + body[1], virtual_size - body[0] - body[1])]
-    expected = [(p.number, p.start, p.size) for p in table.partitions]
+    expected = [(p.number, p.start, p.size) for p in table.partitions if p.number <= 4 or image.gpt]
     if new is not None:
         expected.append((number, start, size))
     return DiskPlan(
@@ -292,9 +292,10 @@ def read_head(image: Path, fmt: str, virtual_size: int, sector_size: int, scratc
     head = image_bytes(image, fmt, 0, length, scratch)
     if head[sector_size : sector_size + 8] == b"EFI PART":
         try:
-            end = gpt.read_gpt(head + bytes(64 * 1024), sector_size).head_end
+            header = gpt.parse_header(head[sector_size : 2 * sector_size])
         except gpt.TableError:
-            return head
+            return head  # image_table says why
+        end = header.entries_lba * sector_size + header.entries_bytes()
         if end > length:
             longer = min(-(-end // MiB) * MiB, virtual_size)
             head = image_bytes(image, fmt, 0, longer, scratch)

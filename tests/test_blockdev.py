@@ -12,6 +12,7 @@ import pytest
 
 from agent import blockdev, disks
 from tests.conftest import needs_root
+from tests.test_layout import install
 
 MiB = 1024**2
 
@@ -160,16 +161,11 @@ def test_stale_gpt_then_mbr_image_leaves_nothing_old(loop, tmp_path, sector, nod
     assert "TYPE=ext4" in _probe_at(dev, parts[1][0])
     assert "TYPE=ext4" in _probe_at(dev, parts[2][0])
 
-    blockdev.wipe_stale_metadata(disks.explicit_disk(dev))
-    assert _kernel_partitions(dev) == []  # old partition nodes are gone
-
     image = tmp_path / "mbr.img"
     image.write_bytes(bytes(4 * MiB))
-    _run("sfdisk", "-q", str(image), input="label: dos\nstart=2048, type=83\n")
-    with open(dev, "r+b") as f:
-        f.write(image.read_bytes())
-        f.flush()
-        os.fsync(f.fileno())
+    _run("sfdisk", "-q", str(image), input="label: dos\nstart=2048, size=4096, type=83\n")
+    install(image, dev, _drive(tmp_path, sector))
+    assert _kernel_partitions(dev) in ([], [f"{name}p1", f"{name}p2"])  # old nodes are gone
 
     after = _read_all(dev)
     assert len(after) == size
@@ -177,7 +173,8 @@ def test_stale_gpt_then_mbr_image_leaves_nothing_old(loop, tmp_path, sector, nod
     assert b"SWAPSPACE2" not in after
     assert _signatures(dev) == ["dos"]
     for offset, _ in parts:
-        assert "TYPE=" not in _probe_at(dev, offset), offset
+        if offset != 4 * MiB and offset < 48 * MiB:  # not the new config drive's place
+            assert "TYPE=" not in _probe_at(dev, offset), offset
     assert _run("blkid", "-p", "-o", "export", dev).strip().endswith("PTTYPE=dos")
     assert name  # the same device throughout
 
@@ -194,9 +191,25 @@ def test_wipe_finds_a_backup_gpt_left_mid_disk(loop, tmp_path) -> None:
         f.write(old.read_bytes())
     data = _read_all(dev)
     assert data.count(b"EFI PART") == 2 and data.find(b"EFI PART", 4096) == 16 * MiB - 512
-    blockdev.wipe_stale_metadata(disks.explicit_disk(dev))
+    image = tmp_path / "mbr.img"
+    image.write_bytes(bytes(4 * MiB))
+    _run("sfdisk", "-q", str(image), input="label: dos\nstart=2048, size=4096, type=83\n")
+    install(image, dev, _drive(tmp_path, 512))
     assert b"EFI PART" not in _read_all(dev)
-    assert _signatures(dev) == []
+    assert _signatures(dev) == ["dos"]
+
+
+def _drive(tmp_path, sector: int):
+    from agent import configdrive
+    from agent.payload import parse_request
+
+    request = parse_request(
+        {
+            "operatingSystem": "byoi_64",
+            "customizations": {"imageURL": "http://x/i.raw", "imageType": "raw"},
+        }
+    )
+    return configdrive.build_drive(request, tmp_path / "drive", sector_size=sector)
 
 
 @pytest.fixture

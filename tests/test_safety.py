@@ -88,9 +88,12 @@ def assert_workdir_clean(work: Path) -> None:
 # --- 1. the disk is pinned between its choice and the write ----------------------------------
 
 
-def test_disk_swapped_during_download_is_not_written(tmp_path, make_loop) -> None:
-    """The loop device's backing file is replaced (same node, same size: a hot-swap) while the
-    image downloads: the install must refuse, and the new disk must be untouched."""
+def test_disk_cannot_be_swapped_during_download(tmp_path, make_loop) -> None:
+    """An attempt to replace the loop device's backing file (same node, same size: a hot-swap)
+    while the image downloads fails: the agent holds the disk open (and flock-ed) from its
+    choice to the end, so the node keeps naming the chosen disk, which gets the image; the
+    other file is untouched. (A node that names another device anyway is refused by the
+    identity check: test_hold_refuses_a_resized_disk and claim's tests.)"""
     image = build_image(tmp_path / "img.qcow2", size_mib=24).read_bytes()
     gate = threading.Event()
     server = gated_server(image, gate)
@@ -102,17 +105,17 @@ def test_disk_swapped_during_download_is_not_written(tmp_path, make_loop) -> Non
     try:
         proc = start_install(tmp_path, payload(server.url("/img"), "qcow2"), dev)
         wait_for(lambda: downloading(tmp_path / "work"))
-        losetup("-d", dev)
-        losetup(dev, str(other))  # the same node now names another disk
+        subprocess.run(["losetup", "-d", dev], capture_output=True)  # deferred: the disk is open
+        swap = subprocess.run(["losetup", dev, str(other)], capture_output=True, text=True)
         gate.set()
         out, err = proc.communicate(timeout=120)
     finally:
         server.stop()
     result = json.loads(out.strip().splitlines()[-1])
-    assert proc.returncode == 1, err
-    assert result["message"].startswith(f"Target disk {dev} changed since it was chosen"), err
-    assert "backing" in result["message"]
-    assert disk_digest(str(other)) == before, "the swapped-in disk was written"
+    assert swap.returncode != 0, "the node could be given another backing file"
+    assert proc.returncode == 0, err
+    assert result["disk"] == dev
+    assert disk_digest(str(other)) == before, "the other disk was written"
     assert_workdir_clean(tmp_path / "work")
 
 
@@ -182,24 +185,42 @@ def test_hold_refuses_a_resized_disk(make_loop, tmp_path) -> None:
 
 
 def test_verify_regions() -> None:
-    assert writer.verify_regions(10 * MiB) == [(0, 10 * MiB)]
-    big = 200 * 1024 * MiB
-    regions = writer.verify_regions(big, full_limit=64 * 1024 * MiB)
-    assert regions[0] == (0, writer.SAMPLE_SIZE)
-    assert regions[-1][0] + regions[-1][1] == big  # the tail (backup GPT) is covered
-    assert len(regions) == writer.SAMPLES + 2
-    assert all(offset % MiB == 0 and offset + length <= big for offset, length in regions)
+    window = (MiB, 4096 * MiB)
+    assert writer.verify_regions("none", None, window) == []
+    assert writer.verify_regions("full", [(0, MiB)], window) == [window]
+    data = [(2 * MiB, 3 * MiB), (6 * MiB, MiB), (900 * MiB, 10 * MiB), (5000 * MiB, MiB)]
+    regions = writer.verify_regions("sample", data, window)
+    # close data ranges joined, every data byte covered
+    assert any(o <= 2 * MiB and o + n >= 7 * MiB for o, n in regions)
+    assert any(o <= 900 * MiB and o + n >= 910 * MiB for o, n in regions)
+    assert all(o >= MiB and o + n <= 4097 * MiB for o, n in regions)  # inside the window
+    zero_samples = [r for r in regions if r[1] == MiB and r[0] > 910 * MiB]
+    assert len(zero_samples) >= 10  # the zero ranges are sampled, spread over the window
+    assert sum(n for _, n in regions) < 64 * MiB
 
 
+def _plan_and_copy(image: Path, fmt: str, dev: str, tmp_path: Path):
+    from test_layout import disk_of, virtual_size
+
+    from agent import blockdev, configdrive, layout
+
+    drive = configdrive.build_drive(_request(), tmp_path / "drive.iso")
+    plan = layout.plan(image, fmt, virtual_size(image, fmt), disk_of(dev), drive, [], tmp_path)
+    blockdev.zero(dev, plan.zero_first)
+    writer.copy_body(image, fmt, dev, plan, fmt)
+    return plan
+
+
+@pytest.mark.parametrize("mode", ["full", "sample"])
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 def test_verify_catches_a_lost_write_and_ignores_the_rest_of_the_disk(
-    tmp_path, make_loop, fmt
+    tmp_path, make_loop, fmt, mode
 ) -> None:
     image = build_image(tmp_path / f"img.{fmt}", fmt=fmt, size_mib=24)
     dev = make_loop(64 * MiB)
     fill_pattern(dev)
-    size = 24 * MiB
-    writer.write_image(image, fmt, dev, fmt, size)  # old data beyond the image is fine
+    plan = _plan_and_copy(image, fmt, dev, tmp_path)
+    writer.verify_body(image, fmt, dev, plan, fmt, mode)  # old data beyond the image is fine
     fd = os.open(dev, os.O_WRONLY)
     try:  # a write the disk "lost": one sector of the root partition reverts
         os.pwrite(fd, os.urandom(512), 20 * MiB)
@@ -207,27 +228,32 @@ def test_verify_catches_a_lost_write_and_ignores_the_rest_of_the_disk(
     finally:
         os.close(fd)
     with pytest.raises(InstallError) as err:
-        writer.verify_written(image, fmt, dev, fmt, size)
+        writer.verify_body(image, fmt, dev, plan, fmt, mode)
     assert err.value.message == msg.cant_write(fmt)
-    assert f"mismatch at offset {20 * MiB}" in err.value.detail
-    # sampled verification also looks at the tail, where the backup GPT lives
-    with pytest.raises(InstallError):
-        writer.verify_written(image, fmt, dev, fmt, size, full_limit=MiB)
+    assert "differs from the image" in err.value.detail
+    writer.verify_body(image, fmt, dev, plan, fmt, "none")  # nothing read: no error
 
 
 def test_interrupted_convert_kills_qemu_img(tmp_path, make_loop) -> None:
     """An exception in the progress loop (what a SIGTERM becomes) must not leave qemu-img
     writing on in the background."""
-    raw = tmp_path / "big.raw"
-    with open(raw, "wb") as f:
-        f.write(os.urandom(256 * MiB))
-    dev = make_loop(256 * MiB)
+    raw = build_raw(tmp_path / "img.raw", size_mib=256)
+    with open(raw, "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(os.urandom(200 * MiB))
+    dev = make_loop(300 * MiB)
 
     def interrupt(done: int, total: int | None) -> None:
         raise KeyboardInterrupt
 
+    from test_layout import disk_of, virtual_size
+
+    from agent import configdrive, layout
+
+    drive = configdrive.build_drive(_request(), tmp_path / "drive.iso")
+    plan = layout.plan(raw, "raw", virtual_size(raw), disk_of(dev), drive, [], tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        writer.write_image(raw, "raw", dev, "raw", 256 * MiB, on_progress=interrupt)
+        writer.copy_body(raw, "raw", dev, plan, "raw", on_progress=interrupt)
     children = [p.name() for p in psutil.Process().children(recursive=True)]
     assert "qemu-img" not in children
 
@@ -259,7 +285,7 @@ def test_image_almost_as_big_as_the_disk_is_refused_before_writing(
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 1
     assert result["message"] == msg.CONFIGDRIVE_FAILED, proc.stderr
-    assert result["step"] == "inspect"
+    assert result["step"] == "prepare"
     assert disk_digest(dev) == before, "the disk was wiped for an install that could not end"
 
 
@@ -390,12 +416,16 @@ def _mbr(tmp_path: Path, size: int, parts: list[str], name: str = "mbr.raw") -> 
     return image
 
 
-def _drive(tmp_path: Path) -> Path:
-    from test_partition import request
+def _request():
+    from test_layout import request
 
+    return request()
+
+
+def _drive(tmp_path: Path) -> Path:
     from agent import configdrive
 
-    return configdrive.build_drive(request(), tmp_path / "drive.iso")
+    return configdrive.build_drive(_request(), tmp_path / "drive.iso")
 
 
 def _disk(size: int, path: str = "/dev/null"):
@@ -405,10 +435,10 @@ def _disk(size: int, path: str = "/dev/null"):
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_check_room_four_primaries(tmp_path, fmt) -> None:
+def test_room_for_the_drive_with_four_primaries(tmp_path, fmt) -> None:
     """Four primaries and no config drive: refused before writing; the same image whose fourth
     partition is a CONFIG-2 FAT drive (reused later) is not."""
-    from agent import partition
+    from agent import layout
 
     four = [
         "start=2048, size=8192, type=83",
@@ -433,19 +463,17 @@ def test_check_room_four_primaries(tmp_path, fmt) -> None:
             )
             image.unlink()
             converted.rename(image)
-    with pytest.raises(InstallError) as err:
-        partition.check_room(plain, fmt, 16 * MiB, _disk(64 * MiB), drive, tmp_path)
-    assert err.value.message == msg.CONFIGDRIVE_FAILED
-    assert "four primary" in err.value.detail
-    partition.check_room(own, fmt, 16 * MiB, _disk(64 * MiB), drive, tmp_path)
+    with pytest.raises(layout.PlanError) as err:
+        layout.plan(plain, fmt, 16 * MiB, _disk(64 * MiB), drive, [], tmp_path)
+    assert err.value.kind == "configdrive" and "four primary" in str(err.value)
+    plan = layout.plan(own, fmt, 16 * MiB, _disk(64 * MiB), drive, [], tmp_path)
+    assert plan.reused and plan.partition_number == 4
 
 
 def test_mbr_image_with_an_extended_partition(tmp_path, make_loop) -> None:
     """Logical partitions inside an extended one: the config drive goes after the extended
     partition as a primary (slot 3), nothing inside the extended partition moves."""
-    from test_partition import disk_of, write_image
-
-    from agent import partition
+    from test_layout import install
 
     image = _mbr(
         tmp_path,
@@ -457,17 +485,16 @@ def test_mbr_image_with_an_extended_partition(tmp_path, make_loop) -> None:
             "start=22528, size=8192, type=83",
         ],
     )
-    drive = _drive(tmp_path)
-    partition.check_room(image, "raw", 24 * MiB, _disk(64 * MiB), drive, tmp_path)
+    before = json.loads(
+        subprocess.run(["sfdisk", "--json", str(image)], capture_output=True).stdout
+    )
     dev = make_loop(64 * MiB)
-    write_image(image, dev)
-    before = json.loads(subprocess.run(["sfdisk", "--json", dev], capture_output=True).stdout)
-    number = partition.add_config_drive(disk_of(dev), drive)
+    plan = install(image, dev, _drive(tmp_path))
     after = json.loads(subprocess.run(["sfdisk", "--json", dev], capture_output=True).stdout)
-    old = before["partitiontable"]["partitions"]
+    old = [(p["start"], p["size"], p["type"]) for p in before["partitiontable"]["partitions"]]
     new = after["partitiontable"]["partitions"]
-    assert all(p in new for p in old)
-    assert number == 3 and len(new) == len(old) + 1
+    assert all(p in [(q["start"], q["size"], q["type"]) for q in new] for p in old)
+    assert plan.partition_number == 3 and len(new) == len(old) + 1
     added = [p for p in new if p["node"].endswith("p3")][0]
     assert added["start"] * 512 + added["size"] * 512 == 64 * MiB
     out = subprocess.run(
@@ -480,15 +507,12 @@ def test_mbr_image_with_an_extended_partition(tmp_path, make_loop) -> None:
 
 def test_gpt_entries_not_at_lba2_and_hybrid_mbr(tmp_path, make_loop) -> None:
     """A GPT whose entry array starts at LBA 2048 (sgdisk -j) and carries a hybrid MBR: the
-    backup moves, the config drive is added, sgdisk -v stays clean, the hybrid MBR's entries
-    are kept (sgdisk rewrites only the GPT), and blkid finds config-2 at the new offset."""
-    from test_partition import disk_of, sgdisk_clean, write_image
-
-    from agent import partition
+    head grows to cover the entries, the backup moves, the config drive is added, sgdisk -v
+    stays clean, the hybrid MBR's entries are kept, and blkid finds config-2."""
+    from test_layout import install, sgdisk_clean
 
     image = tmp_path / "odd.raw"
-    image.write_bytes(b"")
-    os.truncate(image, 32 * MiB)
+    image.write_bytes(bytes(32 * MiB))
     subprocess.run(
         ["sgdisk", "-j", "2048", "-n", "1:4096:+4M", "-t", "1:ef00", "-n", "2:0:0", str(image)],
         check=True,
@@ -499,16 +523,13 @@ def test_gpt_entries_not_at_lba2_and_hybrid_mbr(tmp_path, make_loop) -> None:
         head = f.read(1024)
     assert int.from_bytes(head[512 + 72 : 512 + 80], "little") == 2048  # entries LBA
     assert 0xEF in head[446 + 4 : 510 : 16]  # a hybrid MBR: the ESP is in the MBR too
-    drive = _drive(tmp_path)
-    partition.check_room(image, "raw", 32 * MiB, _disk(64 * MiB), drive, tmp_path)
     dev = make_loop(64 * MiB)
-    write_image(image, dev)
-    partition.relocate_backup_gpt(disk_of(dev))
-    number = partition.add_config_drive(disk_of(dev), drive)
+    plan = install(image, dev, _drive(tmp_path))
+    assert plan.head_length == 2 * MiB
     assert sgdisk_clean(dev)
     table = json.loads(subprocess.run(["sfdisk", "--json", dev], capture_output=True).stdout)
     added = [p for p in table["partitiontable"]["partitions"] if p.get("name") == "config-2"]
-    assert len(added) == 1 and number == 3
+    assert len(added) == 1 and plan.partition_number == 3
     out = subprocess.run(
         ["blkid", "-p", "-O", str(added[0]["start"] * 512), "-o", "export", dev],
         capture_output=True,
