@@ -28,7 +28,7 @@ from cloudbase_reader import (
 )
 from cloudinit_reader import extract_fat, extract_iso
 
-from agent import configdrive, partition
+from agent import configdrive
 from agent.payload import parse_request
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "cloudbase-init"
@@ -204,7 +204,7 @@ def gpt_disk_with_iso(tmp_path: Path, iso: Path) -> Path:
             "-n",
             f"2:0:+{iso.stat().st_size // 512}",
             "-t",
-            f"2:{partition.GPT_TYPE}",
+            "2:0700",
             "-c",
             "2:config-2",
             str(disk),
