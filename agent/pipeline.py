@@ -1,17 +1,19 @@
 """The install pipeline: the steps of SPEC.md in order, each reported in the status model.
 
 Order matters for safety: everything that can refuse the request without touching the disk
-(validation, memory, disk choice and busy checks, download, checksum, format and size checks)
-runs before the first byte is written. The disk is re-checked for business right before the
-wipe, since minutes may have passed during the download; it is pinned by identity when chosen
-and held with ``O_EXCL`` from the wipe to the config drive (agent/claim.py), so a renamed or
-swapped device node is refused instead of written.
+(validation, memory, disk choice and busy checks, download, checksum, format and size checks,
+and the whole disk layout with the config drive: the "prepare" step) runs before the first byte
+is written. The disk is flock-ed from its choice to the end of the install (one install per disk
+across processes), pinned by identity when chosen and held with ``O_EXCL`` for the write phase
+(agent/claim.py), so a renamed or swapped device node is refused instead of written.
 
-A SIGTERM, SIGINT or SIGHUP (when the install runs in the main thread, as the CLI's does) ends
-the install like any failure: one result message, the download area unmounted and removed, the
-image writer killed. A write cut short leaves no partition table behind (nothing half-written
-can boot); the short steps after it (GPT move, config drive) finish before the signal is acted
-on, since a partition tool killed half-way leaves a broken table.
+The write phase puts the disk's first MiB on last (agent/layout.py): until the final write the
+disk has no partition table, so a kill at any moment, even SIGKILL, leaves nothing bootable.
+
+A SIGTERM, SIGINT or SIGHUP (when the install runs in the main thread, as the CLI's does), or
+``request_stop`` (from the API server's thread), ends the install like any failure: one result
+message, the download area unmounted and removed, the image writer killed, the disk's tables
+cleared. Only the final table write is not cut (``deferred``).
 """
 
 from __future__ import annotations
