@@ -138,7 +138,7 @@ EXPECTED_META = {
 def test_cloudinit_reads_the_drive(cloudinit, tmp_path: Path, case: str, sector_size: int) -> None:
     req = install_start(*CASES[case])
     out = configdrive.build_drive(req, tmp_path / "drive.img", sector_size=sector_size, nics=[])
-    assert out.stat().st_size <= configdrive.MAX_DRIVE
+    assert out.stat().st_size <= configdrive.CONFIG_DRIVE_MAX
     probe = blkid(out)
     if sector_size == 512:
         assert (probe["LABEL"], probe["TYPE"]) == ("config-2", "iso9660")

@@ -184,7 +184,7 @@ def test_largest_drive_fits_the_iso_size_cloudbaseinit_reads(cbi) -> None:
     """On a raw disk/partition it sizes the ISO from the low 16 bits of the volume space size
     (``struct.unpack("<H")``): an ISO over 65535 blocks would be copied truncated."""
     assert cbi.windows.PEEK_SIZE == 2
-    assert configdrive.MAX_DRIVE // 2048 <= 0xFFFF
+    assert configdrive.CONFIG_DRIVE_MAX // 2048 <= 0xFFFF
 
 
 def gpt_disk_with_iso(tmp_path: Path, iso: Path) -> Path:
