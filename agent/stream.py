@@ -174,19 +174,26 @@ def source_args(
     return ["--image-opts", image_opts(nbd, fmt, offset, size)]
 
 
-STREAM_WINDOW = 256 * MiB
+def l2_coverage(cluster_size: int = 65536) -> int:
+    """The virtual bytes one qcow2 L2 table maps: ``cluster_size / 8`` entries of one cluster
+    each (512 MiB for the default 64 KiB clusters). The natural window of a streamed qcow2."""
+    return cluster_size * (cluster_size // 8)
 
 
-def windows(virtual_size: int, step: int = STREAM_WINDOW) -> list[tuple[int, int]]:
+def windows(virtual_size: int, step: int | None = None) -> list[tuple[int, int]]:
     """The ``(offset, size)`` virtual windows to convert one after the other when streaming a
-    qcow2 (pure).
+    qcow2 (pure); ``step`` defaults to one L2 table's coverage (``l2_coverage``).
 
     ``qemu-img convert`` first walks the block status of its whole source (to size its progress
     bar) before it writes a byte: on a qcow2 that reads every L2 table, and in an image written
     in disk order the last ones sit near the end of the file, so one convert of the whole image
-    would wait for nearly the whole download. A convert of a window reads only the L2 tables of
-    that window, so window ``k`` starts as soon as its own part of the file has arrived.
+    waits for nearly the whole download. The convert of one window reads only that window's L2
+    table, which qemu-img allocated just before the window's first data cluster: window ``k``
+    starts as soon as its part of the file has arrived and follows the download closely.
+    Smaller windows gain nothing (they wait for the same L2 table) and cost a qemu-img start
+    each; larger ones wait for later tables.
     """
+    step = step or l2_coverage()
     return [(off, min(step, virtual_size - off)) for off in range(0, virtual_size, step)]
 
 

@@ -15,6 +15,7 @@ Not a test: it prints figures. Needs root (a loop device backed by a file on dis
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -107,7 +108,7 @@ def throughput(image: Path, dev: str, rounds: int, workdir: Path) -> None:
         show(label, ts, base)
 
 
-def _download(url: str, dest: Path, growing: stream.Growing | None) -> None:
+def _download(url: str, dest: Path, growing: stream.Growing | None, ended: list[float]) -> None:
     def progress(done: int, _total: int | None) -> None:
         if growing is not None:
             growing.advance(done)
@@ -117,7 +118,7 @@ def _download(url: str, dest: Path, growing: stream.Growing | None) -> None:
             url,
             dest,
             headers={},
-            image_type="qcow2",
+            image_type="bench",
             checksum_type="sha256",
             memory_budget=None,
             on_progress=progress,
@@ -127,79 +128,118 @@ def _download(url: str, dest: Path, growing: stream.Growing | None) -> None:
         if growing is not None:
             growing.fail(str(exc))
         raise
+    ended.append(time.monotonic())
     if growing is not None:
         growing.finish()
 
 
-def streamed(url: str, dest: Path, size: int, dev: str, workdir: Path, windowed: bool) -> float:
-    """Download and convert at the same time; the wall time of both."""
-    virtual = int(
-        subprocess.run(
-            ["qemu-img", "info", "--output=json", str(workdir / "www" / "image.qcow2")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        .stdout.split('"virtual-size": ')[1]
-        .split(",")[0]
-    )
+def streamed(
+    url: str,
+    dest: Path,
+    size: int,
+    virtual: int,
+    fmt: str,
+    dev: str,
+    window: int | None,
+    workdir: Path,
+) -> tuple[float, float, int]:
+    """Download and convert at the same time: the wall time of both, the convert's tail after
+    the download's end, the reads that waited."""
     started = time.monotonic()
     growing = stream.Growing(size)
+    ended: list[float] = []
     with stream.export(dest, size, growing, workdir) as nbd:
-        fetch = threading.Thread(target=_download, args=(url, dest, growing))
+        fetch = threading.Thread(target=_download, args=(url, dest, growing, ended))
         fetch.start()
         opts = ["-W", "-m", "16"]
-        if windowed:
-            for off, length in stream.windows(virtual):
+        if window:
+            for off, length in stream.windows(virtual, window):
                 convert(
-                    stream.source_args(nbd, "qcow2", off, length),
+                    stream.source_args(nbd, fmt, off, length),
                     device_window(dev, off, length),
                     opts,
                 )
         else:
-            convert(stream.source_args(nbd, "qcow2"), device(dev), opts)
+            convert(stream.source_args(nbd, fmt), device(dev), opts)
         fetch.join()
-    return time.monotonic() - started
+    done = time.monotonic()
+    return done - started, done - ended[0], ended[0] - started
 
 
-def sequential(url: str, dest: Path, dev: str) -> tuple[float, float]:
+def sequential(url: str, dest: Path, fmt: str, dev: str) -> tuple[float, float]:
     started = time.monotonic()
-    _download(url, dest, None)
-    fetched = time.monotonic() - started
-    convert(["-f", "qcow2", str(dest)], device(dev), ["-W", "-m", "16"])
-    return fetched, time.monotonic() - started
+    ended: list[float] = []
+    _download(url, dest, None, ended)
+    convert(["-f", fmt, str(dest)], device(dev), ["-W", "-m", "16"])
+    return ended[0] - started, time.monotonic() - started
 
 
-def streaming(image: Path, dev: str, rounds: int, workdir: Path) -> None:
+def streaming(image: Path, fmt: str, dev: str, rounds: int, workdir: Path) -> None:
+    """Alternated rounds: download-then-convert, then each streamed variant."""
     www = workdir / "www"
-    www.mkdir()
+    www.mkdir(exist_ok=True)
     for path in (workdir, www):  # nginx's worker runs unprivileged
         path.chmod(0o755)
-    shutil.move(image, www / "image.qcow2")
-    (www / "image.qcow2").chmod(0o644)
-    size = (www / "image.qcow2").stat().st_size
-    dest = workdir / "dl.qcow2"
+    served = www / image.name
+    shutil.copyfile(image, served)
+    served.chmod(0o644)
+    size = served.stat().st_size
+    virtual = int(
+        json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", "-f", fmt, str(served)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )["virtual-size"]
+    )
+    dest = workdir / f"dl.{fmt}"
+    windows = [None, 256 * MiB, stream.l2_coverage(), 1024 * MiB] if fmt != "raw" else [None]
     rows: dict[str, list[float]] = {"download": [], "download, then convert": []}
-    rows |= {"streamed, one convert": [], "streamed, 256 MiB windows": []}
+    tails: dict[str, list[float]] = {}
+    fetches: dict[str, list[float]] = {}
     with nginx(www) as base:
-        url = f"{base}/image.qcow2"
+        url = f"{base}/{served.name}"
         for _ in range(rounds):
-            fetched, total = sequential(url, dest, dev)
+            fetched, total = sequential(url, dest, fmt, dev)
             rows["download"].append(fetched)
             rows["download, then convert"].append(total)
             dest.unlink()
-            rows["streamed, one convert"].append(streamed(url, dest, size, dev, workdir, False))
-            dest.unlink()
-            rows["streamed, 256 MiB windows"].append(streamed(url, dest, size, dev, workdir, True))
-            dest.unlink()
-    print(f"agent download (nginx, 127.0.0.1) + convert, {size / 1e6:.0f} MB, {rounds} rounds:")
-    base = statistics.median(rows["download, then convert"])
+            for window in windows:
+                label = (
+                    f"streamed, {window // MiB} MiB windows" if window else "streamed, one convert"
+                )
+                wall, tail, fetched = streamed(url, dest, size, virtual, fmt, dev, window, workdir)
+                rows.setdefault(label, []).append(wall)
+                tails.setdefault(label, []).append(tail)
+                fetches.setdefault(label, []).append(fetched)
+                dest.unlink()
+    served.unlink()
+    print(
+        f"agent download (nginx, 127.0.0.1) + convert of a {size / 1e6:.0f} MB {fmt}, "
+        f"{rounds} rounds:"
+    )
+    base_med = statistics.median(rows["download, then convert"])
     for label, ts in rows.items():
         med = statistics.median(ts)
-        print(
-            f"  {label:<34} min {min(ts):.3f}  median {med:.3f}  max {max(ts):.3f} s"
-            f"  {med / base:.2f}x sequential"
+        tail = (
+            f"  tail after download {statistics.median(tails[label]):.3f}" if label in tails else ""
         )
+        print(
+            f"  {label:<30} min {min(ts):.3f}  median {med:.3f}  max {max(ts):.3f} s"
+            f"  {med / base_med:.2f}x sequential{tail}"
+        )
+
+
+def make_raw(workdir: Path, data_mib: int) -> Path:
+    """A raw disk: ``data_mib`` MiB of random data in 4 MiB runs, with as many zeros between."""
+    out = workdir / "image.raw"
+    with open(out, "wb") as f:
+        for _ in range(data_mib // 4):
+            f.write(os.urandom(4 * MiB))
+            f.write(bytes(4 * MiB))
+    return out
 
 
 def main() -> None:
@@ -207,6 +247,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data-mib", type=int, default=704)
     parser.add_argument("--virtual-gib", type=int, default=4)
+    parser.add_argument("--raw-mib", type=int, default=352, help="random MiB of the raw image")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--disk-dir", default="/var/tmp", help="backing file of the loop disk")
     args = parser.parse_args()
     with (
@@ -222,8 +264,13 @@ def main() -> None:
         ).stdout.strip()
         try:
             image = make_qcow2(workdir, args.data_mib, args.virtual_gib)
-            throughput(image, dev, args.rounds, workdir)
-            streaming(image, dev, args.rounds, workdir)
+            if not args.skip_throughput:
+                throughput(image, dev, args.rounds, workdir)
+            streaming(image, "qcow2", dev, args.rounds, workdir)
+            image.unlink()
+            if args.raw_mib:
+                raw = make_raw(workdir, args.raw_mib)
+                streaming(raw, "raw", dev, args.rounds, workdir)
         finally:
             subprocess.run(["losetup", "-d", dev], check=False)
 

@@ -18,6 +18,7 @@ from agent import stream
 from tests.conftest import needs_root
 
 MiB = 1024 * 1024
+SMALL_CLUSTER = 8192
 
 
 def _qemu_img(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -58,7 +59,11 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _sparse_random_raw(sparse, 96 * MiB, runs=12, run_size=2 * MiB + 4096)
     qcow2 = d / "image.qcow2"
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", sparse, qcow2], check=True)
-    return {"raw": raw, "qcow2": qcow2}
+    # 8 KiB clusters: one L2 table maps 8 MiB, so 96 MiB make 12 streaming windows
+    small = d / "small-clusters.qcow2"
+    opts = f"cluster_size={SMALL_CLUSTER}"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", "-o", opts, sparse, small], check=True)
+    return {"raw": raw, "qcow2": qcow2, "small": small}
 
 
 def _grow(
@@ -124,7 +129,7 @@ def test_qcow2_in_windows_onto_a_file_matches_a_plain_convert(
     images: dict[str, Path], growing_file, tmp_path: Path
 ) -> None:
     """The windowed convert the writer uses when streaming a qcow2 (see stream.windows)."""
-    image = images["qcow2"]
+    image = images["small"]
     expected = tmp_path / "expected.raw"
     _qemu_img("convert", "-f", "qcow2", "-O", "raw", str(image), str(expected))
     virtual = expected.stat().st_size
@@ -134,7 +139,7 @@ def test_qcow2_in_windows_onto_a_file_matches_a_plain_convert(
     dest, growing = growing_file(image)
     with stream.export(dest, growing.size, growing, tmp_path) as nbd:
         feeder = _grow(image, dest, growing, chunk=512 * 1024)
-        for offset, size in stream.windows(virtual, 16 * MiB):
+        for offset, size in stream.windows(virtual, stream.l2_coverage(SMALL_CLUSTER)):
             target = f"driver=raw,offset={offset},size={size},file.driver=file,file.filename={out}"
             proc = _qemu_img(
                 "convert",
@@ -149,6 +154,45 @@ def test_qcow2_in_windows_onto_a_file_matches_a_plain_convert(
             assert proc.returncode == 0, proc.stderr
         feeder.join()
     assert _digest(out) == _digest(expected)
+
+
+def test_a_window_converts_from_the_start_of_the_file_a_whole_convert_waits(
+    images: dict[str, Path], growing_file, tmp_path: Path
+) -> None:
+    """Why qcow2 streams in windows: with only the first part of the file downloaded, the
+    first window converts completely, while a convert of the whole image is still waiting
+    (its first pass reads every L2 table, the last ones near the end of the file)."""
+    image = images["small"]
+    dest, growing = growing_file(image)
+    dest.write_bytes(image.read_bytes()[: growing.size * 3 // 10])
+    growing.advance(growing.size * 3 // 10)
+    out = tmp_path / "out.raw"
+    with open(out, "wb") as f:
+        f.truncate(96 * MiB)
+    offset, size = stream.windows(96 * MiB, stream.l2_coverage(SMALL_CLUSTER))[0]
+    target = f"driver=raw,offset={offset},size={size},file.driver=file,file.filename={out}"
+    with stream.export(dest, growing.size, growing, tmp_path) as nbd:
+        whole = subprocess.Popen(
+            ["qemu-img", "convert", *stream.source_args(nbd, "qcow2"), "-O", "raw", "-n", str(out)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        first = _qemu_img(
+            "convert",
+            *stream.source_args(nbd, "qcow2", offset, size),
+            "-n",
+            "--target-image-opts",
+            target,
+            timeout=60,
+        )
+        assert first.returncode == 0, first.stderr
+        assert whole.poll() is None  # still blocked: it needs bytes past the first 30 %
+        with open(dest, "r+b") as f:  # the rest of the download
+            f.seek(growing.have)
+            f.write(image.read_bytes()[growing.have :])
+        growing.finish()
+        _, err = whole.communicate(timeout=60)
+    assert whole.returncode == 0, err
 
 
 @needs_root
@@ -404,6 +448,12 @@ def test_image_opts_for_raw_qcow2_and_windows() -> None:
 
 
 def test_windows_cover_the_disk_once() -> None:
+    assert stream.l2_coverage() == 512 * MiB
+    assert stream.windows(1536 * MiB) == [
+        (0, 512 * MiB),
+        (512 * MiB, 512 * MiB),
+        (1 << 30, 512 * MiB),
+    ]
     assert stream.windows(10, 4) == [(0, 4), (4, 4), (8, 2)]
     assert stream.windows(8, 4) == [(0, 4), (4, 4)]
 
