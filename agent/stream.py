@@ -312,7 +312,7 @@ def transmit(
             try:
                 growing.wait_for(offset + length, stopped)
             except StreamFailed as exc:
-                log.info("stream read at %d failed: %s", offset, exc)
+                log.debug("stream read at %d failed: %s", offset, exc)
                 _reply(sock, handle, errno.EIO)
                 continue
             sock.sendall(struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, handle), socket.MSG_MORE)

@@ -223,9 +223,12 @@ def streaming(image: Path, fmt: str, dev: str, rounds: int, workdir: Path) -> No
     base_med = statistics.median(rows["download, then convert"])
     for label, ts in rows.items():
         med = statistics.median(ts)
-        tail = (
-            f"  tail after download {statistics.median(tails[label]):.3f}" if label in tails else ""
-        )
+        tail = ""
+        if label in tails:
+            tail = (
+                f"  (its download {statistics.median(fetches[label]):.3f} s,"
+                f" then the convert's tail {statistics.median(tails[label]):.3f} s)"
+            )
         print(
             f"  {label:<30} min {min(ts):.3f}  median {med:.3f}  max {max(ts):.3f} s"
             f"  {med / base_med:.2f}x sequential{tail}"
