@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent import stream
+from agent.download import DownloadSettings, download
+from agent.messages import InstallError
+from tests.badserver import BadServer, send_head
 from tests.conftest import needs_root
 
 MiB = 1024 * 1024
@@ -63,7 +66,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     small = d / "small-clusters.qcow2"
     opts = f"cluster_size={SMALL_CLUSTER}"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", "-o", opts, sparse, small], check=True)
-    return {"raw": raw, "qcow2": qcow2, "small": small}
+    compressed = d / "compressed.qcow2"  # as many cloud images are shipped
+    args = ["qemu-img", "convert", "-c", "-O", "qcow2", "-o", opts, sparse, compressed]
+    subprocess.run(args, check=True)
+    return {"raw": raw, "qcow2": qcow2, "small": small, "compressed": compressed}
 
 
 def _grow(
@@ -125,11 +131,12 @@ def test_convert_while_the_file_grows_matches_a_plain_convert(
     print(f"{fmt}: {growing.blocked} reads waited for the download")
 
 
+@pytest.mark.parametrize("kind", ["small", "compressed"])
 def test_qcow2_in_windows_onto_a_file_matches_a_plain_convert(
-    images: dict[str, Path], growing_file, tmp_path: Path
+    kind: str, images: dict[str, Path], growing_file, tmp_path: Path
 ) -> None:
     """The windowed convert the writer uses when streaming a qcow2 (see stream.windows)."""
-    image = images["small"]
+    image = images[kind]
     expected = tmp_path / "expected.raw"
     _qemu_img("convert", "-f", "qcow2", "-O", "raw", str(image), str(expected))
     virtual = expected.stat().st_size
@@ -156,13 +163,14 @@ def test_qcow2_in_windows_onto_a_file_matches_a_plain_convert(
     assert _digest(out) == _digest(expected)
 
 
+@pytest.mark.parametrize("kind", ["small", "compressed"])
 def test_a_window_converts_from_the_start_of_the_file_a_whole_convert_waits(
-    images: dict[str, Path], growing_file, tmp_path: Path
+    kind: str, images: dict[str, Path], growing_file, tmp_path: Path
 ) -> None:
     """Why qcow2 streams in windows: with only the first part of the file downloaded, the
     first window converts completely, while a convert of the whole image is still waiting
     (its first pass reads every L2 table, the last ones near the end of the file)."""
-    image = images["small"]
+    image = images[kind]
     dest, growing = growing_file(image)
     dest.write_bytes(image.read_bytes()[: growing.size * 3 // 10])
     growing.advance(growing.size * 3 // 10)
@@ -229,6 +237,109 @@ def test_download_failure_fails_qemu_img_instead_of_hanging(
             "convert", *stream.source_args(nbd, fmt), "-O", "raw", str(out), timeout=60
         )
         feeder.join()
+    assert proc.returncode != 0
+    assert "Input/output error" in proc.stderr, proc.stderr
+
+
+FAST = DownloadSettings(
+    backoff_initial=0.01, backoff_max=0.05, max_attempts=2, stall_timeout=5, progress_interval=0
+)
+
+
+def _streamed_download(url: str, dest: Path, growing: stream.Growing) -> threading.Thread:
+    """The agent's real download feeding the export, as the pipeline wires it."""
+
+    def run() -> None:
+        try:
+            download(
+                url,
+                dest,
+                headers={},
+                image_type="qcow2",
+                checksum_type="sha256",
+                memory_budget=None,
+                on_progress=lambda done, _total: growing.advance(done),
+                settings=FAST,
+            )
+        except InstallError as exc:
+            growing.fail(exc.message)
+            return
+        growing.finish()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _slow_cut(cut_at: int | None) -> Callable[..., None]:
+    """Serve the image in small paced pieces (so qemu-img really waits), cut at ``cut_at``
+    on the first request, whole (from the asked Range) afterwards."""
+
+    def behaviour(server: BadServer, sock: socket.socket, req, n: int) -> None:  # noqa: ANN001
+        start = int((req.header("range") or "bytes=0-")[6:-1])
+        body = server.payload[start:]
+        headers: dict[str, str | int] = {"ETag": '"v1"', "Accept-Ranges": "bytes"}
+        status = "200 OK"
+        if start:
+            status = "206 Partial Content"
+            headers["Content-Range"] = (
+                f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}"
+            )
+        send_head(sock, status, {**headers, "Content-Length": len(body)})
+        end = len(body) if n > 1 or cut_at is None else cut_at - start
+        for pos in range(0, end, 256 * 1024):
+            sock.sendall(body[pos : min(pos + 256 * 1024, end)])
+            server.sleep(0.005)
+
+    return behaviour
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_agent_download_dropped_and_resumed_while_streaming(
+    fmt: str, images: dict[str, Path], tmp_path: Path
+) -> None:
+    image = images[fmt]
+    payload = image.read_bytes()
+    expected = tmp_path / "expected.raw"
+    _qemu_img("convert", "-f", fmt, "-O", "raw", str(image), str(expected))
+    server = BadServer(payload).start()
+    server.routes["/img"] = _slow_cut(len(payload) // 2)
+    dest = tmp_path / "dl.img"
+    growing = stream.Growing(len(payload))
+    out = tmp_path / "out.raw"
+    try:
+        with stream.export(dest, growing.size, growing, tmp_path) as nbd:
+            fetch = _streamed_download(server.url("/img"), dest, growing)
+            proc = _qemu_img("convert", *stream.source_args(nbd, fmt), "-O", "raw", str(out))
+            fetch.join()
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert server.count("/img") == 2  # it was dropped and resumed
+    assert server.requests[1].header("range") == f"bytes={len(payload) // 2}-"
+    assert growing.blocked > 0
+    assert _digest(out) == _digest(expected)
+
+
+def test_agent_download_failing_for_good_fails_the_convert(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    payload = images["qcow2"].read_bytes()
+    server = BadServer(payload).start()
+    cut = _slow_cut(len(payload) // 3)
+    server.routes["/img"] = lambda s, sock, req, n: (
+        cut(s, sock, req, n) if n == 1 else send_head(sock, "404 Not Found", {"Content-Length": 0})
+    )
+    dest = tmp_path / "dl.img"
+    growing = stream.Growing(len(payload))
+    try:
+        with stream.export(dest, growing.size, growing, tmp_path) as nbd:
+            fetch = _streamed_download(server.url("/img"), dest, growing)
+            args = [*stream.source_args(nbd, "qcow2"), "-O", "raw", str(tmp_path / "out.raw")]
+            proc = _qemu_img("convert", *args, timeout=60)
+            fetch.join()
+    finally:
+        server.stop()
     assert proc.returncode != 0
     assert "Input/output error" in proc.stderr, proc.stderr
 
