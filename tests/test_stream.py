@@ -20,6 +20,7 @@ from agent.messages import InstallError
 from tests.badserver import BadServer, send_head
 from tests.conftest import needs_root
 
+pytestmark = pytest.mark.timeout(180)  # a read that never wakes fails the test, not the run
 MiB = 1024 * 1024
 SMALL_CLUSTER = 8192
 
@@ -230,13 +231,18 @@ def test_download_failure_fails_qemu_img_instead_of_hanging(
     image = images[fmt]
     dest, growing = growing_file(image)
     out = tmp_path / "out.raw"
+    failed_at: list[float] = []
+    fail = growing.fail
+    growing.fail = lambda reason: (failed_at.append(time.monotonic()), fail(reason))
     with stream.export(dest, growing.size, growing, tmp_path) as nbd:
         feeder = _grow(image, dest, growing, fail_at=growing.size // 2)
         # the timeout only turns a hang into a test failure; a prompt I/O error is expected
         proc = _qemu_img(
             "convert", *stream.source_args(nbd, fmt), "-O", "raw", str(out), timeout=60
         )
+        exited = time.monotonic()
         feeder.join()
+    print(f"{fmt}: qemu-img exited {exited - failed_at[0]:.3f} s after the download failed")
     assert proc.returncode != 0
     assert "Input/output error" in proc.stderr, proc.stderr
 
