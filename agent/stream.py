@@ -180,9 +180,10 @@ def l2_coverage(cluster_size: int = 65536) -> int:
     return cluster_size * (cluster_size // 8)
 
 
-def windows(virtual_size: int, step: int | None = None) -> list[tuple[int, int]]:
-    """The ``(offset, size)`` virtual windows to convert one after the other when streaming a
-    qcow2 (pure); ``step`` defaults to one L2 table's coverage (``l2_coverage``).
+def windows(region: tuple[int, int], step: int | None = None) -> list[tuple[int, int]]:
+    """``region`` (offset, length) of the virtual disk cut at the multiples of ``step`` (one L2
+    table's coverage by default, ``l2_coverage``): the windows to convert one after the other
+    when streaming a qcow2 (pure).
 
     ``qemu-img convert`` first walks the block status of its whole source (to size its progress
     bar) before it writes a byte: on a qcow2 that reads every L2 table, and in an image written
@@ -191,10 +192,13 @@ def windows(virtual_size: int, step: int | None = None) -> list[tuple[int, int]]
     table, which qemu-img allocated just before the window's first data cluster: window ``k``
     starts as soon as its part of the file has arrived and follows the download closely.
     Smaller windows gain nothing (they wait for the same L2 table) and cost a qemu-img start
-    each; larger ones wait for later tables.
+    each; larger ones wait for later tables. A raw image needs no windows.
     """
     step = step or l2_coverage()
-    return [(off, min(step, virtual_size - off)) for off in range(0, virtual_size, step)]
+    start, length = region
+    end = start + length
+    cuts = [start, *range((start // step + 1) * step, end, step), end]
+    return [(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -153,7 +153,7 @@ def streamed(
         fetch.start()
         opts = ["-W", "-m", "16"]
         if window:
-            for off, length in stream.windows(virtual, window):
+            for off, length in stream.windows((0, virtual), window):
                 convert(
                     stream.source_args(nbd, fmt, off, length),
                     device_window(dev, off, length),

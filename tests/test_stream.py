@@ -147,7 +147,7 @@ def test_qcow2_in_windows_onto_a_file_matches_a_plain_convert(
     dest, growing = growing_file(image)
     with stream.export(dest, growing.size, growing, tmp_path) as nbd:
         feeder = _grow(image, dest, growing, chunk=512 * 1024)
-        for offset, size in stream.windows(virtual, stream.l2_coverage(SMALL_CLUSTER)):
+        for offset, size in stream.windows((0, virtual), stream.l2_coverage(SMALL_CLUSTER)):
             target = f"driver=raw,offset={offset},size={size},file.driver=file,file.filename={out}"
             proc = _qemu_img(
                 "convert",
@@ -178,7 +178,7 @@ def test_a_window_converts_from_the_start_of_the_file_a_whole_convert_waits(
     out = tmp_path / "out.raw"
     with open(out, "wb") as f:
         f.truncate(96 * MiB)
-    offset, size = stream.windows(96 * MiB, stream.l2_coverage(SMALL_CLUSTER))[0]
+    offset, size = stream.windows((0, 96 * MiB), stream.l2_coverage(SMALL_CLUSTER))[0]
     target = f"driver=raw,offset={offset},size={size},file.driver=file,file.filename={out}"
     with stream.export(dest, growing.size, growing, tmp_path) as nbd:
         whole = subprocess.Popen(
@@ -566,13 +566,14 @@ def test_image_opts_for_raw_qcow2_and_windows() -> None:
 
 def test_windows_cover_the_disk_once() -> None:
     assert stream.l2_coverage() == 512 * MiB
-    assert stream.windows(1536 * MiB) == [
-        (0, 512 * MiB),
-        (512 * MiB, 512 * MiB),
-        (1 << 30, 512 * MiB),
-    ]
-    assert stream.windows(10, 4) == [(0, 4), (4, 4), (8, 2)]
-    assert stream.windows(8, 4) == [(0, 4), (4, 4)]
+    half = 512 * MiB
+    assert stream.windows((0, 3 * half)) == [(0, half), (half, half), (2 * half, half)]
+    assert stream.windows((0, 10), 4) == [(0, 4), (4, 4), (8, 2)]
+    assert stream.windows((0, 8), 4) == [(0, 4), (4, 4)]
+    # the writer's body window (the head left out): cut at the same absolute multiples
+    assert stream.windows((1, 9), 4) == [(1, 3), (4, 4), (8, 2)]
+    assert stream.windows((5, 2), 4) == [(5, 2)]
+    assert stream.windows((4, 0), 4) == []
 
 
 def test_growing_is_monotonic_and_capped_and_failure_wins() -> None:
