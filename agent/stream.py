@@ -14,10 +14,15 @@ refused as unsupported, so qemu falls back to simple replies), then NBD_CMD_READ
 NBD_CMD_DISC. Reads are answered with ``os.sendfile`` (no copy through Python). Waiting is a
 condition variable woken by the download, not a poll loop: an idle export costs no CPU.
 
-    growing = Growing(size)
+    growing = Growing(size)               # size: the Content-Length
     with export(image, size, growing, workdir) as nbd:
-        args = ["qemu-img", "convert", *source_args(nbd, "qcow2"), "-O", "raw", "-n", disk]
-        ...  # the download calls growing.advance(n) / finish() / fail(reason) meanwhile
+        # meanwhile the download calls growing.advance(n) / finish() / fail(reason)
+        for off, length in windows(body):  # qcow2; a raw image is one window
+            qemu-img convert -n -W -m 16 -t none --image-opts image_opts(nbd, fmt, off, length)
+                     --target-image-opts driver=raw,offset=off,file.driver=host_device,...
+
+A qcow2 goes in windows of one L2 table each (``windows``): one ``qemu-img convert`` of the
+whole image first reads every L2 table, and the last ones sit near the end of the file.
 """
 
 from __future__ import annotations
