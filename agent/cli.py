@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import platform
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the HTTP API for an orchestrator")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
     p.add_argument("--token-file", required=True, type=Path)
-    p.add_argument("--callback-url")
+    p.add_argument("--callback-url", help="POST every status change to this URL")
+    p.add_argument(
+        "--callback-token-file",
+        type=Path,
+        metavar="FILE",
+        help="bearer token the callbacks carry (never the API token; none without this)",
+    )
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     target_options(p)
@@ -110,6 +117,26 @@ def _setup_logging(verbose: int) -> None:
     root.setLevel(logging.WARNING - 10 * min(verbose, 2))
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+
+
+def _log_invocation(args: argparse.Namespace) -> None:
+    """At -vv, the settings in effect, first: a verbose log then always shows what ran, even
+    when no tool runs (the tool runner's lines were the only DEBUG ones, and the download area's
+    mount is skipped where the work directory already is a tmpfs). Paths only, no secrets."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("byoi-agent")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("command", "verbose")}
+    log.debug(
+        "byoi-agent %s on Python %s: %s %s",
+        version,
+        platform.python_version(),
+        args.command,
+        " ".join(f"{k}={v}" for k, v in options.items()),
+    )
 
 
 def _human(n: float) -> str:
@@ -255,13 +282,14 @@ def cmd_configdrive(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from agent.api import serve
     from agent.pipeline import DEFAULT_WORKDIR
+    from agent.serve import serve
 
     return serve(
         listen=args.listen,
         token_file=args.token_file,
         callback_url=args.callback_url,
+        callback_token_file=args.callback_token_file,
         disk=args.disk,
         hints=_hints(args.hint),
         workdir=args.workdir or DEFAULT_WORKDIR,
@@ -284,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 on misuse
     # A service's log is its only trace: serve logs at INFO; the CLI keeps stderr for progress.
     _setup_logging(args.verbose + (1 if args.command == "serve" else 0))
+    _log_invocation(args)
     try:
         return COMMANDS[args.command](args)
     except UsageError as exc:

@@ -172,3 +172,16 @@ def api_body_too_large(limit: int) -> str:
 
 def bad_hint(hint: str, reason: str) -> str:
     return f"Bad root device hint {hint!r}: {reason}."
+
+
+def token_file_refused(path: str, reason: str) -> str:
+    return (
+        f"{path}: {reason}; a token is one word of at least 16 characters, visible ASCII only "
+        "(e.g. `openssl rand -hex 32`)."
+    )
+
+
+CALLBACK_CREDENTIAL_REUSED = (
+    "The callback token must differ from the API token: callbacks never carry the API token."
+)
+CALLBACK_CREDENTIAL_WITHOUT_URL = "--callback-token-file needs --callback-url."
