@@ -15,6 +15,7 @@ is at ``/openapi.json``: it is the one description of this API.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -23,7 +24,6 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -50,10 +50,9 @@ class ApiSettings:
     """Everything the API needs; ``serve`` builds it from the command line."""
 
     token: str
-    disk: str | None = None
+    disk: str | None = None  # for the disk report: the install options' disk and hints
     hints: dict[str, str] = field(default_factory=dict)
-    workdir: Path = Path("/run/byoi-agent")
-    ca_bundle: str | None = None  # extra CA file for https image URLs
+    install_options: Any = None  # pipeline.InstallOptions of the command line (None: defaults)
     callback: CallbackSettings | None = None
     max_body: int = 1024 * 1024  # an install request is a few KiB; user data is capped at 64 KiB
     request_timeout: float = 15.0  # to receive a request's head and body (then 408 or close)
@@ -117,14 +116,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _pipeline_options(settings: ApiSettings) -> Any:
+    """Each install gets its own copy of the command line's install options."""
     from agent import pipeline
 
-    return pipeline.InstallOptions(
-        disk=settings.disk,
-        hints=dict(settings.hints),
-        workdir=settings.workdir,
-        download_settings=pipeline.download_settings(settings.ca_bundle),
-    )
+    template = settings.install_options
+    if template is None:
+        return pipeline.InstallOptions(disk=settings.disk, hints=dict(settings.hints))
+    return dataclasses.replace(template, hints=dict(template.hints))
 
 
 def _install_handler(settings: ApiSettings, installs: Installs) -> Callable[[Request], Any]:

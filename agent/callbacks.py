@@ -41,6 +41,9 @@ RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 @dataclass(frozen=True)
 class CallbackSettings:
     url: str
+    # ``serve --callback-token-file``: the orchestrator's own credential, sent as a bearer
+    # token; never the API token (whoever receives callbacks must not be able to start
+    # installs). None: no Authorization header at all.
     token: str | None = None
     progress_interval: float = 5.0  # at most one progress event per interval
     retry_window: float = 600.0  # keep retrying an event (the final state too) this long
@@ -100,6 +103,7 @@ class CallbackSender:
         self._sequence = 0
         self._last_progress = float("-inf")
         self._closing = False
+        self._given_up = False  # close() timed out: the thread drops what is left and ends
         self._thread = threading.Thread(target=self._run, name="callbacks", daemon=True)
 
     def start(self) -> CallbackSender:
@@ -154,8 +158,13 @@ class CallbackSender:
         if self._thread.is_alive():
             self._thread.join(timeout)
         with self._cond:
-            drained = not self._queue and not self._thread.is_alive()
-        self._client.close()
+            alive = self._thread.is_alive()
+            drained = not self._queue and not alive
+            if alive:  # the thread stops at its next attempt or wait, and closes the client
+                self._given_up = True
+                self._cond.notify_all()
+        if not alive:
+            self._client.close()
         return drained and not self.stats.abandoned
 
     def pending(self) -> int:
@@ -168,6 +177,11 @@ class CallbackSender:
             with self._cond:
                 while not self._queue and not self._closing:
                     self._cond.wait()
+                if self._given_up:
+                    self.stats.abandoned += len(self._queue)
+                    self._queue.clear()
+                    self._client.close()
+                    return
                 if not self._queue:
                     return
                 item = self._queue.popleft()
@@ -238,14 +252,14 @@ class CallbackSender:
                 state.attempt_number,
                 outcome,
             )
-        return time.monotonic() >= item.deadline or self._superseded(item)
+        return time.monotonic() >= item.deadline or self._given_up or self._superseded(item)
 
     def _sleep(self, item: _Event, seconds: float) -> None:
         """Back off, but never past the event's deadline, and wake early for a newer event."""
         until = min(time.monotonic() + seconds, item.deadline)
         with self._cond:
             while (left := until - time.monotonic()) > 0:
-                if item.kind == "progress" and self._queue:
+                if self._given_up or (item.kind == "progress" and self._queue):
                     return
                 self._cond.wait(left)
 

@@ -206,9 +206,22 @@ def _hints(pairs: list[str]) -> dict[str, str]:
         raise UsageError(exc.message) from None
 
 
+def _install_options(args: argparse.Namespace, hints: dict[str, str]) -> Any:
+    """The install options of the command line: ``install`` and ``serve`` share them."""
+    from agent.pipeline import DEFAULT_WORKDIR, InstallOptions, download_settings
+
+    return InstallOptions(
+        disk=args.disk,
+        hints=hints,
+        workdir=args.workdir or DEFAULT_WORKDIR,
+        download_settings=download_settings(args.ca_bundle),
+        verify=args.verify,
+    )
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from agent.payload import parse_request
-    from agent.pipeline import DEFAULT_WORKDIR, InstallOptions, download_settings, run_install
+    from agent.pipeline import run_install
 
     body = _read_payload(args.payload)
     hints = _hints(args.hint)
@@ -217,13 +230,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     ok = False
     try:
         request = parse_request(body)
-        options = InstallOptions(
-            disk=args.disk,
-            hints=hints,
-            workdir=args.workdir or DEFAULT_WORKDIR,
-            download_settings=download_settings(args.ca_bundle),
-            verify=args.verify,
-        )
+        options = _install_options(args, hints)
         ok = run_install(request, options, status)
     except InstallError as exc:  # refused before the pipeline ran: validation
         status.begin()
@@ -282,7 +289,6 @@ def cmd_configdrive(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from agent.pipeline import DEFAULT_WORKDIR
     from agent.serve import serve
 
     return serve(
@@ -290,12 +296,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token_file=args.token_file,
         callback_url=args.callback_url,
         callback_token_file=args.callback_token_file,
-        disk=args.disk,
-        hints=_hints(args.hint),
-        workdir=args.workdir or DEFAULT_WORKDIR,
+        options=_install_options(args, _hints(args.hint)),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        ca_bundle=args.ca_bundle,
     )
 
 

@@ -65,101 +65,111 @@ def connection_cap(wanted: int, soft: int, hard: int) -> tuple[int, int]:
     return limit, max(1, min(wanted, limit - FD_RESERVE))
 
 
-def guarded_protocol(request_timeout: float, max_head: int, max_connections: int) -> type:
+class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the guard's three rules (see the module docstring)."""
 
-    class GuardedH11Protocol(H11Protocol):
-        _deadline: Any = None
-        _waiting_since = 0.0
+    request_timeout = 15.0
+    max_head = 16 * 1024
+    max_connections = 1024
+    _deadline: Any = None
+    _waiting_since = 0.0
 
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._watch()
-            self._make_room()
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._watch()
+        self._make_room()
 
-        def data_received(self, data: bytes) -> None:
-            if self.conn.their_state is h11.IDLE and self._head_too_large(data):
-                self.transport.write(_HEAD_TOO_LARGE)
-                self.transport.close()
-                return
-            super().data_received(data)
-            self._watch()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._watch()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel()
-            super().connection_lost(exc)
-
-        def _head_too_large(self, data: bytes) -> bool:
-            buffered = self.conn.trailing_data[0] + data
-            end = buffered.find(b"\r\n\r\n", 0, max_head + 4)
-            return (end if end >= 0 else len(buffered)) > max_head
-
-        # --- capacity: the longest-waiting idle connection makes room for a new one ---------
-        def _idle(self) -> bool:
-            """Waiting for a request head (none or part of one), no request being answered."""
-            busy = self.cycle is not None and not self.cycle.response_complete
-            return self.conn.their_state is h11.IDLE and not busy
-
-        def _make_room(self) -> None:
-            if len(self.connections) <= max_connections:
-                return
-            idle = [c for c in self.connections if c is not self and c._idle()]
-            if not idle:  # every connection has a request in progress: this one waits its turn
-                log.warning("%d requests in progress: refusing a connection", len(self.connections))
-                self.transport.close()
-                return
-            victim = min(idle, key=lambda c: c._waiting_since)
-            log.debug("at %d connections: closing the longest idle one", max_connections)
-            victim.transport.close()
-
-        # --- the request deadline -----------------------------------------------------------
-        def _watch(self) -> None:
-            waiting = self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
-            if waiting and self._deadline is None and not self.transport.is_closing():
-                self._waiting_since = self.loop.time()
-                self._deadline = self.loop.call_later(request_timeout, self._expired)
-            elif not waiting:
-                self._cancel()
-
-        def _cancel(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _expired(self) -> None:
-            self._deadline = None
-            state, cycle = self.conn.their_state, self.cycle
-            if state is h11.SEND_BODY and cycle is not None and not cycle.response_started:
-                log.warning(
-                    "answering 408 to %s: request body not received within %.0f s",
-                    self.client[0] if self.client else "?",
-                    request_timeout,
-                )
-                self._answer_408()
-            elif state is h11.IDLE and self.conn.trailing_data[0]:
-                log.warning(
-                    "closing a connection from %s: request head not received within %.0f s",
-                    self.client[0] if self.client else "?",
-                    request_timeout,
-                )
-            elif state is not h11.IDLE:
-                return
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+            self.transport.write(_HEAD_TOO_LARGE)
             self.transport.close()
+            return
+        super().data_received(data)
+        self._watch()
 
-        def _answer_408(self) -> None:
-            """The documented answer; the handler still reading the body sees a disconnect."""
-            head, body = _json_response(408, b"Request Timeout", msg.API_BODY_TIMEOUT)
-            for event in (head, h11.Data(data=body), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
-            self.cycle.response_started = True
-            self.cycle.disconnected = True
-            self.cycle.message_event.set()
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
 
-    return GuardedH11Protocol
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def _head_too_large(self, data: bytes) -> bool:
+        buffered = self.conn.trailing_data[0] + data
+        end = buffered.find(b"\r\n\r\n", 0, self.max_head + 4)
+        return (end if end >= 0 else len(buffered)) > self.max_head
+
+    # --- capacity: the longest-waiting idle connection makes room for a new one ---------
+    def _idle(self) -> bool:
+        """Waiting for a request head (none or part of one), no request being answered."""
+        busy = self.cycle is not None and not self.cycle.response_complete
+        return self.conn.their_state is h11.IDLE and not busy
+
+    def _make_room(self) -> None:
+        if len(self.connections) <= self.max_connections:
+            return
+        idle = [c for c in self.connections if c is not self and c._idle()]
+        if not idle:  # every connection has a request in progress: this one waits its turn
+            log.warning("%d requests in progress: refusing a connection", len(self.connections))
+            self.transport.close()
+            return
+        victim = min(idle, key=lambda c: c._waiting_since)
+        log.debug("at %d connections: closing the longest idle one", self.max_connections)
+        victim.transport.close()
+
+    # --- the request deadline -----------------------------------------------------------
+    def _watch(self) -> None:
+        waiting = self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+        if waiting and self._deadline is None and not self.transport.is_closing():
+            self._waiting_since = self.loop.time()
+            self._deadline = self.loop.call_later(self.request_timeout, self._expired)
+        elif not waiting:
+            self._cancel()
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        state, cycle = self.conn.their_state, self.cycle
+        if state is h11.SEND_BODY and cycle is not None and not cycle.response_started:
+            log.warning(
+                "answering 408 to %s: request body not received within %.0f s",
+                self.client[0] if self.client else "?",
+                self.request_timeout,
+            )
+            self._answer_408()
+        elif state is h11.IDLE and self.conn.trailing_data[0]:
+            log.warning(
+                "closing a connection from %s: request head not received within %.0f s",
+                self.client[0] if self.client else "?",
+                self.request_timeout,
+            )
+        elif state is not h11.IDLE:
+            return
+        self.transport.close()
+
+    def _answer_408(self) -> None:
+        """The documented answer; the handler still reading the body sees a disconnect."""
+        head, body = _json_response(408, b"Request Timeout", msg.API_BODY_TIMEOUT)
+        for event in (head, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.cycle.response_started = True
+        self.cycle.disconnected = True
+        self.cycle.message_event.set()
+
+
+def guarded_protocol(request_timeout: float, max_head: int, max_connections: int) -> type:
+    """The guarded protocol class with these limits (uvicorn instantiates it per connection)."""
+    limits = {
+        "request_timeout": request_timeout,
+        "max_head": max_head,
+        "max_connections": max_connections,
+    }
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), limits)
 
 
 def server_config(

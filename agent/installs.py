@@ -43,8 +43,7 @@ def _request_stop(signum: int) -> bool:
     """``pipeline.request_stop``: the running install (any thread) ends at its next safe point."""
     from agent import pipeline
 
-    request_stop = getattr(pipeline, "request_stop", None)  # lands with the pipeline change
-    return bool(request_stop(signum)) if request_stop is not None else False
+    return pipeline.request_stop(signum)
 
 
 class Installs:

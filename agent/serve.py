@@ -19,6 +19,7 @@ import stat
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -130,15 +131,15 @@ def serve(
     listen: str,
     token_file: Path,
     callback_url: str | None,
-    disk: str | None,
-    hints: dict[str, str],
-    workdir: Path,
+    options: Any,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
-    ca_bundle: str | None = None,
     callback_token_file: Path | None = None,
 ) -> int:
-    """Run the API until SIGTERM/SIGINT. Exit code 2 on bad settings, 1 if it cannot serve."""
+    """Run the API until SIGTERM/SIGINT. Exit code 2 on bad settings, 1 if it cannot serve.
+
+    ``options`` (a ``pipeline.InstallOptions``) are the command line's install options: every
+    install started through the API uses them, as ``byoi-agent install`` would."""
     install_log_filters()
     try:
         host, port, token, callback = _settings(
@@ -149,10 +150,9 @@ def serve(
         return 2
     settings = ApiSettings(
         token=token,
-        disk=disk,
-        hints=dict(hints),
-        workdir=workdir,
-        ca_bundle=ca_bundle,
+        disk=options.disk,
+        hints=dict(options.hints),
+        install_options=options,
         callback=callback,
     )
     settings = raise_descriptor_limit(settings)

@@ -174,7 +174,7 @@ def running(app: Any, settings: ApiSettings, **tls: Any) -> Iterator[str]:
 
 
 def settings(**overrides: Any) -> ApiSettings:
-    values: dict[str, Any] = dict(token=TOKEN, workdir=Path("/nonexistent"))
+    values: dict[str, Any] = dict(token=TOKEN)
     values.update(overrides)
     return ApiSettings(**values)
 
@@ -854,6 +854,9 @@ def serve_process(tmp_path: Path, *extra: str) -> Iterator[tuple[str, subprocess
             proc.kill()
             proc.wait(10)
         log_file.close()
+        for line in Path("/proc/mounts").read_text().splitlines():  # a killed serve's tmpfs
+            if f" {tmp_path}/" in line:
+                subprocess.run(["umount", "-l", line.split()[1]], check=False)
 
 
 def run_serve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -1028,6 +1031,55 @@ def test_full_install_through_the_api(
     assert '"POST /install/start HTTP/1.1" 202' in log_text  # the access log is on
     assert f"install started for {base_url}/disk.raw" in log_text
     assert TOKEN not in log_text
+
+
+@pytest.mark.root
+@needs_root
+def test_sigterm_mid_download_ends_promptly(tmp_path: Path, make_loop: Any) -> None:
+    """SIGTERM to a real `serve` while its install downloads (slowly: 50 s to go): the
+    install ends at once with the interrupted message, the final callback carries it, and
+    the process exits 0 without waiting for the download."""
+    from badserver import BadServer, send_head
+    from test_callbacks import Orchestrator
+
+    size = 32 * MiB
+
+    def stalls(server: BadServer, sock: socket.socket, req: Any, n: int) -> None:
+        send_head(sock, "200 OK", {"Content-Length": size, "ETag": '"s"'})
+        for _ in range(size // (64 * 1024)):  # 640 KiB/s: a download that takes a while
+            sock.sendall(b"\0" * (64 * 1024))
+            server.sleep(0.1)
+
+    images = BadServer(b"").start()
+    images.routes["/img"] = stalls
+    orch = Orchestrator()
+    orch.listen()
+    disk = make_loop(64 * MiB)
+    extra = ["--disk", disk, "--workdir", str(tmp_path / "work"), "--callback-url", orch.url]
+    try:
+        with serve_process(tmp_path, *extra) as (url, proc):
+            payload = body(imageURL=images.url("/img"), imageType="raw")
+            assert (
+                checked.post(f"{url}/install/start", headers=AUTH, json=payload).status_code == 202
+            )
+            wait_status(url, final=("doing",))
+            deadline = time.monotonic() + 30
+            while not any((tmp_path / "work").glob("byoi-*/image")):  # bytes are arriving
+                assert time.monotonic() < deadline, "the download never started"
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert checked.get(f"{url}/install/status", headers=AUTH).json()["step"] == "download"
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()
+            stopped_in = time.monotonic() - started
+    finally:
+        images.stop()
+        orch.stop()
+    print(f"serve exited {stopped_in:.2f} s after SIGTERM, mid-download")
+    final = orch.received[-1]
+    assert (final["status"], final["message"]) == ("error", msg.interrupted("download"))
+    assert str(tmp_path / "work") not in Path("/proc/mounts").read_text()
 
 
 def test_example_orchestrator_client(tmp_path: Path) -> None:
