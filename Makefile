@@ -34,8 +34,12 @@ demo-pxe: deps
 	$(PY) examples/pxe_orchestrator.py --firmware uefi
 	$(PY) examples/pxe_orchestrator.py --firmware bios
 
+## Figures, not tests: download vs curl; whole install vs curl + qemu-img (needs root);
+## qemu-img convert's -m/-W/-t. Options: make bench INSTALL_BENCH_ARGS="--rounds 5 --size 1.9g"
 bench: deps
 	$(PY) -m bench.bench_download
+	$(PY) -m bench.bench_install $(INSTALL_BENCH_ARGS)
+	$(PY) -m bench.bench_install --convert-params $(INSTALL_BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache vm-fixtures/out rescue/out bench/out .cache

@@ -1,0 +1,435 @@
+"""Benchmark: the whole install against the best tools run back to back (issue 11).
+
+Not a test: it prints figures. Images (a ~725 MB qcow2 of a 4 GiB GPT disk full of random data,
+and a 1 GiB raw GPT image) are built once into bench/out/images/ and served by nginx on
+127.0.0.1. Each round runs every variant once, in an order rotated from round to round, each on
+a FRESH loop disk (a sparse 8 GiB file under bench/out/disks/, on the machine's disk, not tmpfs),
+detached afterwards even on failure:
+
+- ``agent``: the real CLI, ``python -m agent install --payload F --disk /dev/loopN --json``
+  (sha256 checksum, an ssh key, user data), without a flag and with ``--verify full|sample|none``
+  and ``--stream`` where the agent has them (``install --help``; "n/a" otherwise);
+- ``floor``: ``curl -o`` into tmpfs then ``qemu-img convert -n -t none -W -m 16`` onto the disk;
+- ``naive``: bench/naive_install.sh (curl; sha256sum; qemu-img convert with its defaults;
+  sgdisk -e; genisoimage; sgdisk -n; dd).
+
+``--convert-params`` instead measures ``qemu-img convert`` alone onto fresh file-backed loop
+disks: -m 1/4/8/16, with and without -W, -t none and writeback.
+
+    .venv/bin/python -m bench.bench_install [--rounds 3] [--size 734m|1.9g] [--only qcow2|raw]
+    .venv/bin/python -m bench.bench_install --convert-params [--rounds 3] [--only qcow2|raw]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from bench.install_images import SIZES, Image, ensure_images
+from bench.nginx_server import nginx
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "out"
+NAIVE = REPO / "bench" / "naive_install.sh"
+DISK_SIZE = 8 * 1024**3
+MiB = 1024 * 1024
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBenchKeyBenchKeyBenchKeyBenchKey bench"
+USER_DATA = "#cloud-config\nruncmd:\n  - echo hello from byoi > /root/hi\n"
+FLOOR_OPTS = ["-n", "-t", "none", "-W", "-m", "16"]
+AGENT_FLAGS = {  # variant name -> (flag the agent must list in install --help, its arguments)
+    "agent (default)": ("", []),
+    "agent --verify full": ("--verify", ["--verify", "full"]),
+    "agent --verify sample": ("--verify", ["--verify", "sample"]),
+    "agent --verify none": ("--verify", ["--verify", "none"]),
+    "agent --stream": ("--stream", ["--stream"]),
+}
+
+
+def _run(*args: str, timeout: float = 600) -> str:
+    return subprocess.run(
+        args, check=True, capture_output=True, text=True, timeout=timeout
+    ).stdout.strip()
+
+
+def fs_type(path: Path) -> str:
+    path = path.resolve()
+    best = max(
+        (p for p in psutil.disk_partitions(all=True) if str(path).startswith(p.mountpoint)),
+        key=lambda p: len(p.mountpoint),
+    )
+    return best.fstype
+
+
+@contextlib.contextmanager
+def loop_disk(folder: Path, size: int = DISK_SIZE) -> Iterator[str]:
+    """A fresh sparse file attached as a loop device; detached and removed even on failure."""
+    folder.mkdir(parents=True, exist_ok=True)
+    backing = Path(tempfile.mkstemp(prefix="disk-", suffix=".img", dir=folder)[1])
+    dev = ""
+    try:
+        os.truncate(backing, size)
+        dev = _run("losetup", "-f", "--show", str(backing))
+        yield dev
+    finally:
+        if dev:
+            # the agent's partx may have added partitions this kernel keeps after losetup -d
+            for args in (["partx", "-d", dev], ["blockdev", "--flushbufs", dev]):
+                subprocess.run(args, capture_output=True, timeout=60)
+            for _ in range(20):
+                if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                print(f"warning: could not detach {dev}", file=sys.stderr)
+        backing.unlink(missing_ok=True)
+
+
+class MemorySampler(threading.Thread):
+    """Samples, every 50 ms, the agent's own VmHWM and the RSS summed over its process tree."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.hwm, self.tree = pid, 0, 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(self.pid)
+            while not self.stopped.wait(0.05):
+                with contextlib.suppress(OSError, ValueError):
+                    for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.hwm = max(self.hwm, int(line.split()[1]) * 1024)
+                total = 0
+                with contextlib.suppress(psutil.Error):
+                    for p in [proc, *proc.children(recursive=True)]:
+                        with contextlib.suppress(psutil.Error):
+                            total += p.memory_info().rss
+                self.tree = max(self.tree, total)
+
+
+@dataclass
+class Result:
+    seconds: float
+    ok: bool = True
+    message: str = ""
+    parts: dict[str, float] = field(default_factory=dict)  # step or phase -> seconds
+    maxrss: int = 0  # wait4 ru_maxrss, bytes
+    hwm: int = 0
+    tree: int = 0
+
+
+def payload(image: Image, url: str) -> dict:
+    return {
+        "templateName": "byoi_64",
+        "details": {"customHostname": "bench"},
+        "userMetadata": [
+            {"key": "imageURL", "value": url},
+            {"key": "imageType", "value": image.fmt},
+            {"key": "imageCheckSum", "value": image.sha256},
+            {"key": "imageCheckSumType", "value": "sha256"},
+            {"key": "sshKey", "value": SSH_KEY},
+            {"key": "configDriveUserData", "value": USER_DATA},
+            {"key": "configDriveMetadata", "value": json.dumps({"role": "bench"})},
+        ],
+    }
+
+
+def supported_flags() -> set[str]:
+    """The install options the agent in this tree has (from its --help)."""
+    text = _run(sys.executable, "-m", "agent", "install", "--help")
+    return {flag for flag in ("--verify", "--stream") if flag in text}
+
+
+def run_agent(payload_file: Path, dev: str, flags: list[str], work: Path) -> Result:
+    """One ``agent install`` as a child: wall time, its --json steps, its peak memory."""
+    cmd = [sys.executable, "-m", "agent", "install", "--payload", str(payload_file)]
+    cmd += ["--disk", dev, "--json", "--workdir", str(work), *flags]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
+        sampler = MemorySampler(proc.pid)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.stopped.set()
+        sampler.join()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    res = Result(seconds, maxrss=usage.ru_maxrss * 1024, hwm=sampler.hwm, tree=sampler.tree)
+    try:
+        report = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        why = f"no JSON (exit {proc.returncode}): {stderr[-500:]}"
+        return Result(seconds, ok=False, message=why)
+    res.ok = proc.returncode == 0 and report.get("status") == "done"
+    res.message = report.get("message", "")
+    res.parts = {s["step"]: s["seconds"] for s in report.get("progress", []) if "seconds" in s}
+    return res
+
+
+def run_floor(image: Image, url: str, dev: str, shm: Path) -> Result:
+    """curl -o into tmpfs, then qemu-img convert onto the disk, back to back."""
+    dest = shm / "floor-image"
+    try:
+        t0 = time.perf_counter()
+        _run("curl", "-sS", "--fail", "-o", str(dest), url)
+        t1 = time.perf_counter()
+        _run("qemu-img", "convert", "-f", image.fmt, "-O", "raw", *FLOOR_OPTS, str(dest), dev)
+        t2 = time.perf_counter()
+    finally:
+        dest.unlink(missing_ok=True)
+    return Result(t2 - t0, parts={"curl": t1 - t0, "convert": t2 - t1})
+
+
+def run_naive(image: Image, url: str, dev: str, shm: Path) -> Result:
+    work = Path(tempfile.mkdtemp(prefix="naive-", dir=shm))
+    try:
+        (work / "user_data").write_text(USER_DATA)
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            ["bash", str(NAIVE), url, image.sha256, image.fmt, dev, str(work), SSH_KEY]
+            + [str(work / "user_data")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        seconds = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Result(seconds, ok=proc.returncode == 0, message=proc.stderr.strip()[-300:])
+
+
+def fmt3(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return (
+        f"min {min(values):6.2f}  median {statistics.median(values):6.2f}  max {max(values):6.2f}"
+    )
+
+
+def med(results: list[Result], key: str | None = None) -> float | None:
+    ok = [r for r in results if r.ok and (key is None or key in r.parts)]
+    vals = [r.parts[key] if key else r.seconds for r in ok]
+    return statistics.median(vals) if vals else None
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
+
+
+@dataclass
+class Setup:
+    image: Image
+    url: str
+    shm: Path  # tmpfs: the floor's and the naive script's download area
+    work: Path  # the agent's --workdir (on disk: the agent mounts its own tmpfs there)
+    payload_file: Path
+
+
+def run_variant(name: str, s: Setup) -> Result:
+    with loop_disk(OUT / "disks") as dev:
+        if name == "floor":
+            return run_floor(s.image, s.url, dev, s.shm)
+        if name == "naive":
+            return run_naive(s.image, s.url, dev, s.shm)
+        return run_agent(s.payload_file, dev, AGENT_FLAGS[name][1], s.work)
+
+
+def run_rounds(s: Setup, names: list[str], rounds: int) -> dict[str, list[Result]]:
+    """Every variant once per round, the order rotated from round to round."""
+    results: dict[str, list[Result]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            res = run_variant(name, s)
+            results[name].append(res)
+            state = "ok" if res.ok else f"FAILED: {res.message}"
+            print(f"  round {r + 1} {name:24s} {res.seconds:6.2f} s  {state}", flush=True)
+    return results
+
+
+def print_table(s: Setup, results: dict[str, list[Result]], missing: dict[str, str]) -> None:
+    floor = med(results["floor"])
+    agents = [n for n in AGENT_FLAGS if n in results]
+    print("\nwhole install, seconds (min / median / max); ratio = median / floor median")
+    for name in ["floor", "naive", *AGENT_FLAGS]:
+        if name in missing:
+            print(f"  {name:24s} n/a ({missing[name]})")
+            continue
+        rs = results[name]
+        ok = [r.seconds for r in rs if r.ok]
+        m = med(rs)
+        ratio = f"{m / floor:5.2f}x" if m and floor else "  n/a"
+        failed = f"  ({len(rs) - len(ok)} failed)" if len(ok) < len(rs) else ""
+        label = "floor (curl + convert)" if name == "floor" else name
+        print(f"  {label:24s} {fmt3(ok)}   {ratio}{failed}")
+        if name == "floor":
+            for part in ("curl", "convert"):
+                vals = [r.parts[part] for r in rs if r.ok]
+                print(f"    {part:22s} {fmt3(vals)}")
+    if not agents:
+        return
+    steps: list[str] = []
+    for name in agents:
+        for r in results[name]:
+            steps += [k for k in r.parts if k not in steps]
+    print("\nagent step breakdown, median seconds (its --json 'progress[].seconds')")
+    print("  " + " " * 24 + "".join(f"{k[:11]:>12s}" for k in [*steps, "sum", "wall"]))
+    for name in agents:
+        rs = [r for r in results[name] if r.ok]
+        if not rs:
+            continue
+        cells = [med(rs, k) for k in steps]
+        total = statistics.median(sum(r.parts.values()) for r in rs)
+        row = "".join(f"{c:12.2f}" if c is not None else f"{'-':>12s}" for c in cells)
+        print(f"  {name:24s}{row}{total:12.2f}{med(rs):12.2f}")
+    curl = med(results["floor"], "curl")
+    mb = s.image.size / 1e6
+    print("\ndownload: the agent's download step against curl -o (same URL, same tmpfs kind)")
+    for name in agents:
+        dl = med(results[name], "download")
+        if dl and curl:
+            print(
+                f"  {name:24s} {dl:6.2f} s ({mb / dl:6.0f} MB/s)  curl {curl:6.2f} s "
+                f"({mb / curl:6.0f} MB/s)  agent/curl speed {curl / dl:4.2f}"
+            )
+    print("\nagent peak memory, max over rounds, MiB")
+    print("  ru_maxrss: os.wait4 of the agent process: the largest peak RSS of the agent or of any")
+    print("    one tool it ran and waited for (qemu-img, sgdisk, ...): a max, not a sum; tmpfs and")
+    print("    page cache not counted.  VmHWM: the agent's Python process alone.  tree: RSS summed")
+    print("    over the agent and its live children. VmHWM and tree are sampled every 50 ms.")
+    for name in agents:
+        rs = [r for r in results[name] if r.ok] or results[name]
+        peak = [max(getattr(r, k) for r in rs) / MiB for k in ("maxrss", "hwm", "tree")]
+        print(f"  {name:24s} ru_maxrss {peak[0]:6.1f}   VmHWM {peak[1]:6.1f}   tree {peak[2]:6.1f}")
+
+
+def bench_install(images: dict[str, Image], base: str, args: argparse.Namespace) -> None:
+    flags = supported_flags()
+    have_iso = shutil.which("genisoimage") or shutil.which("xorriso")
+    missing = {
+        n: f"install has no {f}" for n, (f, _) in AGENT_FLAGS.items() if f and f not in flags
+    }
+    if not have_iso:
+        missing["naive"] = "needs genisoimage or xorriso"
+    names = ["floor", *(n for n in ["naive", *AGENT_FLAGS] if n not in missing)]
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-install-", dir="/dev/shm") as shm,
+        tempfile.TemporaryDirectory(prefix="work-", dir=OUT) as work,
+    ):
+        for fmt, image in images.items():
+            url = f"{base}/{image.path.name}"
+            _run("curl", "-sS", "--fail", "-o", "/dev/null", url)  # warm nginx and the page cache
+            pf = Path(shm) / f"payload-{fmt}.json"
+            pf.write_text(json.dumps(payload(image, url)))
+            s = Setup(image, url, Path(shm), Path(work), pf)
+            print(
+                f"\n== {fmt}: {image.path.name} {image.size / 1e6:.0f} MB, "
+                f"{image.virtual_size / 1024**3:.1f} GiB virtual; {args.rounds} rounds; "
+                f"fresh 8 GiB sparse loop disk per run on {fs_type(OUT)} ==  ({load_line()})",
+                flush=True,
+            )
+            results = run_rounds(s, names, args.rounds)
+            print_table(s, results, missing)
+            print(f"  (after: {load_line()})", flush=True)
+
+
+def convert_combos() -> list[tuple[str, bool, int]]:
+    return [(t, w, m) for t in ("none", "writeback") for w in (False, True) for m in (1, 4, 8, 16)]
+
+
+def timed_convert(src: Path, fmt: str, dev: str, cache: str, w: bool, m: int) -> float:
+    """qemu-img convert then fsync of the device (what the write costs until it is durable)."""
+    args = ["qemu-img", "convert", "-f", fmt, "-O", "raw", "-n", "-t", cache, "-m", str(m)]
+    t0 = time.perf_counter()
+    _run(*args, *(["-W"] if w else []), str(src), dev)
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def bench_convert(images: dict[str, Image], rounds: int) -> None:
+    """qemu-img convert's -m / -W / -t onto fresh file-backed loop disks, source in tmpfs."""
+    combos = convert_combos()
+    with tempfile.TemporaryDirectory(prefix="bench-convert-", dir="/dev/shm") as shm:
+        for fmt, image in images.items():
+            src = Path(shm) / image.path.name
+            shutil.copyfile(image.path, src)
+            times: dict[tuple[str, bool, int], list[float]] = {c: [] for c in combos}
+            print(
+                f"\n== qemu-img convert -f {fmt} -O raw -n, {image.path.name} "
+                f"({image.size / 1e6:.0f} MB, {image.virtual_size / 1024**3:.1f} GiB virtual) "
+                f"from tmpfs onto a fresh 8 GiB sparse loop disk on {fs_type(OUT)}, {rounds} "
+                f"rounds ==  ({load_line()})",
+                flush=True,
+            )
+            for r in range(rounds):
+                k = (r * 5) % len(combos)
+                for combo in combos[k:] + combos[:k]:
+                    with loop_disk(OUT / "disks") as dev:
+                        times[combo].append(timed_convert(src, fmt, dev, *combo))
+                print(f"  round {r + 1} done", flush=True)
+            src.unlink()
+            print("  seconds, convert + fsync of the device (min / median / max)")
+            best = min(statistics.median(v) for v in times.values())
+            for (cache, w, m), vals in times.items():
+                label = f"-t {cache:9s} {'-W' if w else '  '} -m {m:<2d}"
+                ratio = statistics.median(vals) / best
+                print(f"  {label}   {fmt3(vals)}   {ratio:5.2f}x best")
+            print(f"  (after: {load_line()})", flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--size", choices=sorted(SIZES), default="734m")
+    p.add_argument("--only", choices=("qcow2", "raw"))
+    p.add_argument(
+        "--convert-params",
+        action="store_true",
+        help="measure qemu-img convert's -m/-W/-t alone instead of the whole install",
+    )
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("the install bench needs root (loop devices)", file=sys.stderr)
+        return 1
+    for d in (OUT, OUT / "disks"):
+        d.mkdir(parents=True, exist_ok=True)
+    if fs_type(OUT) == "tmpfs":
+        print(f"warning: {OUT} is on tmpfs: the loop disks are not on a real disk", flush=True)
+    images = ensure_images(OUT, args.size)
+    if args.only:
+        images = {args.only: images[args.only]}
+    print(f"uptime: {_run('uptime')}")
+    if args.convert_params:
+        bench_convert(images, args.rounds)
+        return 0
+    with nginx(images[next(iter(images))].path.parent) as base:
+        bench_install(images, base, args)
+    print(f"\nuptime: {_run('uptime')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
