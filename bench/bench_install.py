@@ -128,6 +128,7 @@ class Result:
     ok: bool = True
     message: str = ""
     parts: dict[str, float] = field(default_factory=dict)  # step or phase -> seconds
+    cpu: float = 0.0  # user + system seconds, the process and the children it waited for
     maxrss: int = 0  # wait4 ru_maxrss, bytes
     hwm: int = 0
     tree: int = 0
@@ -155,30 +156,62 @@ def supported_flags() -> set[str]:
     return {flag for flag in ("--verify", "--stream") if flag in text}
 
 
-def run_agent(payload_file: Path, dev: str, flags: list[str], work: Path) -> Result:
-    """One ``agent install`` as a child: wall time, its --json steps, its peak memory."""
-    cmd = [sys.executable, "-m", "agent", "install", "--payload", str(payload_file)]
-    cmd += ["--disk", dev, "--json", "--workdir", str(work), *flags]
+@dataclass
+class Run:
+    code: int
+    seconds: float
+    cpu: float  # user + system seconds of the process and the children it waited for
+    maxrss: int  # bytes
+    stdout: str
+    stderr: str
+    sampler: MemorySampler | None
+
+
+def timed(cmd: list[str], *, sample: bool = False, timeout: float = 900) -> Run:
+    """Run ``cmd``; its wall time, and its rusage from os.wait4 (CPU, peak RSS)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
-        sampler = MemorySampler(proc.pid)
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        sampler = MemorySampler(proc.pid) if sample else None
+        if sampler:
+            sampler.start()
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
-        sampler.stopped.set()
-        sampler.join()
+        if sampler:
+            sampler.stopped.set()
+            sampler.join()
         out.seek(0)
         err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    res = Result(seconds, maxrss=usage.ru_maxrss * 1024, hwm=sampler.hwm, tree=sampler.tree)
+        return Run(
+            proc.returncode,
+            seconds,
+            usage.ru_utime + usage.ru_stime,
+            usage.ru_maxrss * 1024,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            sampler,
+        )
+
+
+def run_agent(payload_file: Path, dev: str, flags: list[str], work: Path) -> Result:
+    """One ``agent install`` as a child: wall time, its --json steps, its peak memory."""
+    cmd = [sys.executable, "-m", "agent", "install", "--payload", str(payload_file)]
+    run = timed([*cmd, "--disk", dev, "--json", "--workdir", str(work), *flags], sample=True)
+    assert run.sampler is not None
+    res = Result(run.seconds, cpu=run.cpu, maxrss=run.maxrss)
+    res.hwm, res.tree = run.sampler.hwm, run.sampler.tree
     try:
-        report = json.loads(stdout.strip().splitlines()[-1])
+        report = json.loads(run.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
-        why = f"no JSON (exit {proc.returncode}): {stderr[-500:]}"
-        return Result(seconds, ok=False, message=why)
-    res.ok = proc.returncode == 0 and report.get("status") == "done"
+        res.ok, res.message = False, f"no JSON (exit {run.code}): {run.stderr[-500:]}"
+        return res
+    res.ok = run.code == 0 and report.get("status") == "done"
     res.message = report.get("message", "")
     res.parts = {s["step"]: s["seconds"] for s in report.get("progress", []) if "seconds" in s}
     return res
@@ -187,33 +220,29 @@ def run_agent(payload_file: Path, dev: str, flags: list[str], work: Path) -> Res
 def run_floor(image: Image, url: str, dev: str, shm: Path) -> Result:
     """curl -o into tmpfs, then qemu-img convert onto the disk, back to back."""
     dest = shm / "floor-image"
+    convert = ["qemu-img", "convert", "-f", image.fmt, "-O", "raw", *FLOOR_OPTS, str(dest), dev]
     try:
-        t0 = time.perf_counter()
-        _run("curl", "-sS", "--fail", "-o", str(dest), url)
-        t1 = time.perf_counter()
-        _run("qemu-img", "convert", "-f", image.fmt, "-O", "raw", *FLOOR_OPTS, str(dest), dev)
-        t2 = time.perf_counter()
+        curl = timed(["curl", "-sS", "--fail", "-o", str(dest), url])
+        conv = timed(convert) if curl.code == 0 else None
     finally:
         dest.unlink(missing_ok=True)
-    return Result(t2 - t0, parts={"curl": t1 - t0, "convert": t2 - t1})
+    runs = [r for r in (curl, conv) if r]
+    res = Result(sum(r.seconds for r in runs), cpu=sum(r.cpu for r in runs))
+    res.ok = all(r.code == 0 for r in runs) and conv is not None
+    res.message = " ".join(r.stderr.strip()[-300:] for r in runs)
+    res.parts = {"curl": curl.seconds, **({"convert": conv.seconds} if conv else {})}
+    return res
 
 
 def run_naive(image: Image, url: str, dev: str, shm: Path) -> Result:
     work = Path(tempfile.mkdtemp(prefix="naive-", dir=shm))
     try:
         (work / "user_data").write_text(USER_DATA)
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            ["bash", str(NAIVE), url, image.sha256, image.fmt, dev, str(work), SSH_KEY]
-            + [str(work / "user_data")],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        seconds = time.perf_counter() - t0
+        args = [url, image.sha256, image.fmt, dev, str(work), SSH_KEY, str(work / "user_data")]
+        run = timed(["bash", str(NAIVE), *args])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Result(seconds, ok=proc.returncode == 0, message=proc.stderr.strip()[-300:])
+    return Result(run.seconds, run.code == 0, run.stderr.strip()[-300:], cpu=run.cpu)
 
 
 def fmt3(values: list[float]) -> str:
@@ -269,7 +298,8 @@ def run_rounds(s: Setup, names: list[str], rounds: int) -> dict[str, list[Result
 def print_table(s: Setup, results: dict[str, list[Result]], missing: dict[str, str]) -> None:
     floor = med(results["floor"])
     agents = [n for n in AGENT_FLAGS if n in results]
-    print("\nwhole install, seconds (min / median / max); ratio = median / floor median")
+    print("\nwhole install, wall seconds (min / median / max); ratio = median / floor median;")
+    print("CPU = median user+system seconds of the run and all its children (less load-sensitive)")
     for name in ["floor", "naive", *AGENT_FLAGS]:
         if name in missing:
             print(f"  {name:24s} n/a ({missing[name]})")
@@ -280,7 +310,8 @@ def print_table(s: Setup, results: dict[str, list[Result]], missing: dict[str, s
         ratio = f"{m / floor:5.2f}x" if m and floor else "  n/a"
         failed = f"  ({len(rs) - len(ok)} failed)" if len(ok) < len(rs) else ""
         label = "floor (curl + convert)" if name == "floor" else name
-        print(f"  {label:24s} {fmt3(ok)}   {ratio}{failed}")
+        cpu = statistics.median(r.cpu for r in rs if r.ok) if ok else 0.0
+        print(f"  {label:24s} {fmt3(ok)}   {ratio}   CPU {cpu:6.2f} s{failed}")
         if name == "floor":
             for part in ("curl", "convert"):
                 vals = [r.parts[part] for r in rs if r.ok]
@@ -356,17 +387,22 @@ def convert_combos() -> list[tuple[str, bool, int]]:
     return [(t, w, m) for t in ("none", "writeback") for w in (False, True) for m in (1, 4, 8, 16)]
 
 
-def timed_convert(src: Path, fmt: str, dev: str, cache: str, w: bool, m: int) -> float:
-    """qemu-img convert then fsync of the device (what the write costs until it is durable)."""
+def timed_convert(
+    src: Path, fmt: str, dev: str, cache: str, w: bool, m: int
+) -> tuple[float, float]:
+    """qemu-img convert then fsync of the device (what the write costs until it is durable):
+    (wall seconds, qemu-img's CPU seconds)."""
     args = ["qemu-img", "convert", "-f", fmt, "-O", "raw", "-n", "-t", cache, "-m", str(m)]
     t0 = time.perf_counter()
-    _run(*args, *(["-W"] if w else []), str(src), dev)
+    run = timed([*args, *(["-W"] if w else []), str(src), dev])
+    if run.code != 0:
+        raise RuntimeError(f"{' '.join(args)}: {run.stderr}")
     fd = os.open(dev, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, run.cpu
 
 
 def bench_convert(images: dict[str, Image], rounds: int) -> None:
@@ -377,6 +413,7 @@ def bench_convert(images: dict[str, Image], rounds: int) -> None:
             src = Path(shm) / image.path.name
             shutil.copyfile(image.path, src)
             times: dict[tuple[str, bool, int], list[float]] = {c: [] for c in combos}
+            cpu: dict[tuple[str, bool, int], list[float]] = {c: [] for c in combos}
             print(
                 f"\n== qemu-img convert -f {fmt} -O raw -n, {image.path.name} "
                 f"({image.size / 1e6:.0f} MB, {image.virtual_size / 1024**3:.1f} GiB virtual) "
@@ -388,15 +425,20 @@ def bench_convert(images: dict[str, Image], rounds: int) -> None:
                 k = (r * 5) % len(combos)
                 for combo in combos[k:] + combos[:k]:
                     with loop_disk(OUT / "disks") as dev:
-                        times[combo].append(timed_convert(src, fmt, dev, *combo))
+                        seconds, used = timed_convert(src, fmt, dev, *combo)
+                    times[combo].append(seconds)
+                    cpu[combo].append(used)
                 print(f"  round {r + 1} done", flush=True)
             src.unlink()
-            print("  seconds, convert + fsync of the device (min / median / max)")
+            print(
+                "  wall seconds, convert + fsync of the device (min / median / max); qemu-img CPU"
+            )
             best = min(statistics.median(v) for v in times.values())
             for (cache, w, m), vals in times.items():
                 label = f"-t {cache:9s} {'-W' if w else '  '} -m {m:<2d}"
                 ratio = statistics.median(vals) / best
-                print(f"  {label}   {fmt3(vals)}   {ratio:5.2f}x best")
+                used = statistics.median(cpu[(cache, w, m)])
+                print(f"  {label}   {fmt3(vals)}   {ratio:5.2f}x best   CPU {used:5.2f} s")
             print(f"  (after: {load_line()})", flush=True)
 
 
