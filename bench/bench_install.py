@@ -322,16 +322,20 @@ def print_table(s: Setup, results: dict[str, list[Result]], missing: dict[str, s
     for name in agents:
         for r in results[name]:
             steps += [k for k in r.parts if k not in steps]
-    print("\nagent step breakdown, median seconds (its --json 'progress[].seconds')")
-    print("  " + " " * 24 + "".join(f"{k[:11]:>12s}" for k in [*steps, "sum", "wall"]))
-    for name in agents:
-        rs = [r for r in results[name] if r.ok]
-        if not rs:
-            continue
-        cells = [med(rs, k) for k in steps]
-        total = statistics.median(sum(r.parts.values()) for r in rs)
-        row = "".join(f"{c:12.2f}" if c is not None else f"{'-':>12s}" for c in cells)
-        print(f"  {name:24s}{row}{total:12.2f}{med(rs):12.2f}")
+    shown = [n for n in agents if any(r.ok for r in results[n])]
+    short = [n.removeprefix("agent ").removeprefix("--verify ").strip("()") for n in shown]
+    print("\nagent step breakdown, median seconds (its --json 'progress[].seconds'), per variant")
+    print(f"  {'step':12s}" + "".join(f"{h:>10s}" for h in short))
+    for key in [*steps, "sum", "wall"]:
+        cells = []
+        for name in shown:
+            rs = [r for r in results[name] if r.ok]
+            if key == "sum":
+                cells.append(statistics.median(sum(r.parts.values()) for r in rs))
+            else:
+                cells.append(med(rs, None if key == "wall" else key))
+        row = "".join(f"{c:10.2f}" if c is not None else f"{'-':>10s}" for c in cells)
+        print(f"  {key:12s}{row}")
     curl = med(results["floor"], "curl")
     mb = s.image.size / 1e6
     print("\ndownload: the agent's download step against curl -o (same URL, same tmpfs kind)")
@@ -351,6 +355,29 @@ def print_table(s: Setup, results: dict[str, list[Result]], missing: dict[str, s
         rs = [r for r in results[name] if r.ok] or results[name]
         peak = [max(getattr(r, k) for r in rs) / MiB for k in ("maxrss", "hwm", "tree")]
         print(f"  {name:24s} ru_maxrss {peak[0]:6.1f}   VmHWM {peak[1]:6.1f}   tree {peak[2]:6.1f}")
+
+
+def print_goals(results: dict[str, list[Result]]) -> None:
+    """Issue 11's goals next to the figures (printed, never asserted)."""
+    floor, curl = med(results["floor"]), med(results["floor"], "curl")
+
+    def ratio(name: str) -> float | None:
+        m = med(results.get(name, []))
+        return m / floor if m and floor else None
+
+    dl = med(results.get("agent (default)", []), "download")
+    rss = [r.maxrss for n in AGENT_FLAGS for r in results.get(n, []) if r.ok]
+    goals = [
+        ("default install <= 1.5x floor", ratio("agent (default)"), lambda v: v <= 1.5),
+        ("--verify none   <= 1.2x floor", ratio("agent --verify none"), lambda v: v <= 1.2),
+        ("--stream        <= 1.0x floor", ratio("agent --stream"), lambda v: v <= 1.0),
+        ("download speed  >= 0.9x curl", curl / dl if dl and curl else None, lambda v: v >= 0.9),
+        ("peak RSS (ru_maxrss) <= 100 MiB", max(rss) / MiB if rss else None, lambda v: v <= 100),
+    ]
+    print("\ngoals of issue 11 (default agent's download; RSS max over all agent runs)")
+    for label, value, met in goals:
+        shown = "n/a" if value is None else f"{value:6.2f}  {'met' if met(value) else 'NOT met'}"
+        print(f"  {label:34s} {shown}")
 
 
 def bench_install(images: dict[str, Image], base: str, args: argparse.Namespace) -> None:
@@ -380,6 +407,7 @@ def bench_install(images: dict[str, Image], base: str, args: argparse.Namespace)
             )
             results = run_rounds(s, names, args.rounds)
             print_table(s, results, missing)
+            print_goals(results)
             print(f"  (after: {load_line()})", flush=True)
 
 
