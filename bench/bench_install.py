@@ -261,7 +261,12 @@ def med(results: list[Result], key: str | None = None) -> float | None:
 
 def load_line() -> str:
     one, five, fifteen = os.getloadavg()
-    return f"load {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
+    busy = (
+        "; BUSY machine: wall times are noisy, compare mins and CPU"
+        if one > (os.cpu_count() or 1)
+        else ""
+    )
+    return f"load {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs{busy})"
 
 
 @dataclass
