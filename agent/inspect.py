@@ -240,7 +240,8 @@ def _check_integrity(path: Path, fmt: str) -> list[dict]:
             report = qemu_img_check(path, fmt)
             bad, errors = report.get("corruptions", 0), report.get("check-errors", 0)
             if bad or errors:
-                reason = f"qemu-img check found {bad} corruptions and {errors} errors"
+                found = [f"{bad} corruptions"] * bool(bad) + [f"{errors} errors"] * bool(errors)
+                reason = f"qemu-img check found {' and '.join(found)}"
                 raise InstallError(msg.damaged_image(fmt, reason))
         entries = image_map(path, fmt)
     except (ToolError, json.JSONDecodeError) as exc:
