@@ -10,8 +10,10 @@ it was. In order:
 3. qcow2 integrity: ``qemu-img check`` finds no corruption, and every data cluster that
    ``qemu-img map`` reports lies inside the file (a truncated download is caught here, where
    the read-back after the write could not: it compares with the same truncated file);
-4. the virtual disk starts with a partition table: a valid GPT (header and entry checksums)
-   or an MBR with partitions. A protective MBR (type 0xEE) without its GPT is not one.
+4. the virtual disk starts with a partition table, read as the disk layout reads it
+   (``layout.image_table``): a GPT or an MBR with partitions. A protective MBR (type 0xEE)
+   without its GPT is not one. (A GPT with bad checksums is one, but broken: the layout
+   refuses it, before any write, as a GPT that cannot be moved.)
 
 Every tool that reads the untrusted image runs through ``tools.run(..., limits=UNTRUSTED)``.
 """
@@ -19,18 +21,18 @@ Every tool that reads the untrusted image runs through ``tools.run(..., limits=U
 from __future__ import annotations
 
 import json
+import logging
 import string
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import formats
+from agent import formats, gpt, layout
 from agent import messages as msg
 from agent.messages import InstallError
 from agent.tools import UNTRUSTED, ToolError, run
+from agent.units import GPT_SIGNATURE
 
-HEAD_BYTES = 1 << 20  # of the virtual disk: MBR, GPT header and entries, filesystem signatures
+log = logging.getLogger(__name__)
 _TIMEOUT = 300  # s; the CPU limit (UNTRUSTED) ends a runaway tool sooner
 
 
@@ -57,46 +59,41 @@ class Table:
 # --- pure decisions ------------------------------------------------------------------------
 
 
-def _gpt(head: bytes, ss: int) -> Table | None:
-    """The GPT whose header is at LBA 1 for ``ss``-byte sectors; None when there is none."""
-    hdr = head[ss : 2 * ss]
-    if hdr[:8] != b"EFI PART":
-        return None
-    (size, crc) = struct.unpack_from("<II", hdr, 12)
-    if not 92 <= size <= ss:
-        return Table(None, ss, "a GPT header of invalid size")
-    if zlib.crc32(hdr[:16] + b"\0\0\0\0" + hdr[20:size]) != crc:
-        return Table(None, ss, "a GPT header with a bad checksum")
-    (my_lba,) = struct.unpack_from("<Q", hdr, 24)
-    entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", hdr, 72)
-    start, length = entries_lba * ss, count * entry_size
-    if my_lba != 1 or entry_size < 128 or entries_lba < 2 or start + length > len(head):
-        return Table(None, ss, "a GPT header with an invalid layout")
-    if zlib.crc32(head[start : start + length]) != entries_crc:
-        return Table(None, ss, "a GPT whose partition entries have a bad checksum")
-    return Table("gpt", ss)
-
-
 def _fat_boot_sector(head: bytes) -> bool:
     """A FAT filesystem's boot sector also ends in 55 AA (the test oslo's GPT inspector
     uses: two FATs on a fixed disk)."""
-    return head[0x10] == 2 and head[0x15] == 0xF8
+    return len(head) >= 512 and head[0x10] == 2 and head[0x15] == 0xF8
+
+
+def gpt_sector_size(head: bytes) -> int:
+    """The logical sector size a GPT in ``head`` was made for (512 when there is none)."""
+    at_4k = head[4096 : 4096 + 8] == GPT_SIGNATURE
+    return 4096 if at_4k and head[512 : 512 + 8] != GPT_SIGNATURE else 512
 
 
 def partition_table(head: bytes) -> Table:
-    """The partition table at the start of a virtual disk (its first ``HEAD_BYTES``)."""
-    for ss in (512, 4096):
-        found = _gpt(head, ss)
-        if found is not None:
-            return found
-    if len(head) < 512 or head[510:512] != b"\x55\xaa" or _fat_boot_sector(head):
+    """The partition table at the start of a virtual disk, as the disk layout will read it
+    (``layout.image_table``, so that what inspect accepts is what the writer can lay out).
+
+    Pure. A disk with no table at all (a bare filesystem, zeroes, a protective MBR alone) has
+    kind None, and is described by ``problem`` or by its content. A GPT that is there but
+    broken (bad checksums) is kind "gpt" with its ``problem``: the layout refuses it before
+    anything is written, with the SPEC's message for a GPT that cannot be moved.
+    """
+    ss = gpt_sector_size(head)
+    has_gpt = head[ss : ss + 8] == GPT_SIGNATURE
+    if not has_gpt and _fat_boot_sector(head):
         return Table(None)
-    entries = [head[446 + 16 * i : 462 + 16 * i] for i in range(4)]
-    if any(e[0] not in (0, 0x80) for e in entries):
+    try:
+        found = layout.image_table(head, ss)
+    except layout.PlanError as exc:
+        if has_gpt:
+            return Table("gpt", ss, str(exc))
+        entries = [head[446 + 16 * i : 462 + 16 * i] for i in range(4)]
+        if head[510:512] == b"\x55\xaa" and any(e[4] == gpt.PROTECTIVE for e in entries):
+            return Table(None, None, "a protective MBR (type 0xEE) without a GPT header")
         return Table(None)
-    if any(e[4] == 0xEE for e in entries):
-        return Table(None, None, "a protective MBR (type 0xEE) without a GPT header")
-    return Table("dos") if any(e[4] for e in entries) else Table(None)
+    return Table(found.table.label, ss if found.gpt else None)
 
 
 def mapping_problem(entries: list[dict], file_size: int) -> str:
@@ -114,7 +111,7 @@ def merge_extents(entries: list[dict]) -> list[tuple[int, int]]:
     """(offset, length) of the virtual disk's ranges holding data, adjacent ranges merged."""
     out: list[tuple[int, int]] = []
     for e in entries:
-        if not e.get("data"):
+        if not e.get("data") or e.get("zero"):
             continue
         if out and out[-1][0] + out[-1][1] == e["start"]:
             out[-1] = (out[-1][0], out[-1][1] + e["length"])
@@ -170,22 +167,6 @@ def image_map(path: Path, fmt: str) -> list[dict]:
 def data_extents(path: Path, fmt: str) -> list[tuple[int, int]]:
     """(offset, length) of the guest ranges holding data, e.g. to sample a read-back."""
     return merge_extents(image_map(path, fmt))
-
-
-def guest_head(path: Path, fmt: str, size: int = HEAD_BYTES) -> bytes:
-    """The first bytes of the disk the image describes (through qcow2's mapping)."""
-    if fmt == "raw":
-        with open(path, "rb") as f:
-            return f.read(size)
-    out = path.with_name(path.name + ".head")
-    try:
-        _qemu_img(
-            "dd", "-f", fmt, "-O", "raw", "bs=65536", f"count={size // 65536}",
-            f"if={path}", f"of={out}",
-        )  # fmt: skip
-        return out.read_bytes()
-    finally:
-        out.unlink(missing_ok=True)
 
 
 def describe_contents(head: bytes, scratch: Path) -> str:
@@ -253,14 +234,25 @@ def _check_integrity(path: Path, fmt: str) -> list[dict]:
     return entries
 
 
-def _table(path: Path, fmt: str, extents: list[tuple[int, int]]) -> Table:
+def read_head(path: Path, fmt: str, virtual_size: int) -> bytes:
+    """The virtual disk's first MiB, or more when its GPT's entries reach further (as the
+    layout reads it)."""
+    head = layout.read_head(path, fmt, virtual_size, 512, path.parent)
+    if gpt_sector_size(head) == 4096:
+        head = layout.read_head(path, fmt, virtual_size, 4096, path.parent)
+    return head
+
+
+def _table(path: Path, fmt: str, virtual_size: int, extents: list[tuple[int, int]]) -> Table:
     try:
-        head = guest_head(path, fmt)
-    except ToolError as exc:
+        head = read_head(path, fmt, virtual_size)
+    except (ToolError, OSError) as exc:
         reason = "its content cannot be read"
-        raise InstallError(msg.damaged_image(fmt, reason), exc.detail) from None
+        raise InstallError(msg.damaged_image(fmt, reason), str(exc)) from None
     table = partition_table(head)
     if table.kind is not None:
+        if table.problem:
+            log.warning("the image's %s is unusable: %s", table.kind, table.problem)
         return table
     if table.problem:
         contents = table.problem
@@ -282,10 +274,11 @@ def inspect_image(path: Path, declared: str) -> ImageInfo:
     _check_format(path, declared)
     info = _info(path, declared)
     extents = merge_extents(_check_integrity(path, declared))
-    table = _table(path, declared, extents)
+    virtual_size = int(info["virtual-size"])
+    table = _table(path, declared, virtual_size, extents)
     return ImageInfo(
         format=declared,
-        virtual_size=int(info["virtual-size"]),
+        virtual_size=virtual_size,
         partition_table=table.kind,
         sector_size=table.sector_size,
         data_extents=tuple(extents),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from agent import formats, inspect
+from agent import formats, inspect, layout
 from agent import messages as msg
 from agent.inspect import (
     ImageInfo,
@@ -188,7 +188,9 @@ def test_text_vmdk_starting_with_a_comment(images, tmp_path: Path, declared: str
     text = flat.read_text()
     assert text.startswith("# Disk DescriptorFile")
     commented = tmp_path / "commented.vmdk"
-    commented.write_text("# exported by a hand-made tool\n\n" + text.replace("# Disk Desc", "# Desc"))
+    commented.write_text(
+        "# exported by a hand-made tool\n\n" + text.replace("# Disk Desc", "# Desc")
+    )
     sparse = tmp_path / "sparse-descriptor.vmdk"  # a sparse createType in a text descriptor
     sparse.write_text("#\n" + text.replace("monolithicFlat", "monolithicSparse"))
     for image in (commented, sparse):
@@ -407,23 +409,46 @@ def test_qcow2_without_partition_table(images: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("ss", [512, 4096])
 def test_gpt_checksums(tmp_path: Path, ss: int) -> None:
+    """A GPT with a bad checksum is still a GPT (not "no partition table"): inspect lets it
+    through with its problem noted, and the layout refuses it before any write (the SPEC's
+    "Can not move backup GPT ..." for the pipeline, tests/test_install.py)."""
     good = crafted_gpt(ss)
     assert partition_table(bytes(good)) == Table("gpt", ss)
     header = bytearray(good)
     header[ss + 60] ^= 1  # a byte of the disk GUID
-    assert partition_table(bytes(header)).problem == "a GPT header with a bad checksum"
+    assert partition_table(bytes(header)) == Table("gpt", ss, "the GPT header's CRC is wrong")
     entries = bytearray(good)
     entries[2 * ss + 60] ^= 1  # a byte of partition 1's name
     assert partition_table(bytes(entries)).problem == (
-        "a GPT whose partition entries have a bad checksum"
+        "the GPT's partition entry array CRC is wrong"
     )
+    with pytest.raises(layout.PlanError):
+        layout.image_table(bytes(entries), ss)
     for declared in TYPES:
         image = tmp_path / f"bad-{declared}.raw"
         image.write_bytes(bytes(entries))
         if declared == "qcow2":
             image = to_qcow2(image, tmp_path / "bad.qcow2")
-        message = refused(image, declared)
-        assert message.endswith("It seems to contain: a GPT whose partition entries have a bad checksum")
+        info = inspect_image(image, declared)
+        assert (info.partition_table, info.sector_size) == ("gpt", ss)
+
+
+@pytest.mark.parametrize("declared", TYPES)
+def test_gpt_entries_beyond_the_first_mib_and_hybrid_mbr(tmp_path: Path, declared: str) -> None:
+    """Unusual but valid: the GPT's entry array at LBA 2048 (sgdisk -j), an ESP also in a
+    hybrid MBR. Inspect reads the head as far as the entries reach, as the layout does."""
+    image = tmp_path / "odd.raw"
+    image.write_bytes(bytes(32 * MiB))
+    subprocess.run(
+        ["sgdisk", "-j", "2048", "-n", "1:4096:+4M", "-t", "1:ef00", "-n", "2:0:0", str(image)],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(["sgdisk", "-h", "1", str(image)], check=True, capture_output=True)
+    if declared == "qcow2":
+        image = to_qcow2(image, tmp_path / "odd.qcow2")
+    info = inspect_image(image, declared)
+    assert (info.partition_table, info.sector_size) == ("gpt", 512)
 
 
 def test_partition_table_pure() -> None:
@@ -432,20 +457,25 @@ def test_partition_table_pure() -> None:
     mbr[510:512] = b"\x55\xaa"
     assert partition_table(bytes(mbr)) == Table(None)  # signature, no partition
     mbr[446 + 4] = 0x83
+    assert partition_table(bytes(mbr)) == Table(None)  # a type, but no sectors
+    mbr[446 + 12 : 446 + 16] = (2048).to_bytes(4, "little")
     assert partition_table(bytes(mbr)) == Table("dos")
+    fat = bytearray(mbr)
+    fat[0x10], fat[0x15] = 2, 0xF8
+    assert partition_table(bytes(fat)) == Table(None)  # a FAT boot sector is no MBR
     mbr[446] = 0x12  # not a boot flag: this is boot code, not a table
     assert partition_table(bytes(mbr)) == Table(None)
     mbr[446] = 0x80
     mbr[462 + 4] = 0xEE
+    mbr[462 + 12 : 462 + 16] = (4096).to_bytes(4, "little")
     assert partition_table(bytes(mbr)).problem.startswith("a protective MBR")
-    fat = bytearray(1024)
-    fat[510:512], fat[0x10], fat[0x15], fat[446 + 4] = b"\x55\xaa", 2, 0xF8, 0x83
-    assert partition_table(bytes(fat)) == Table(None)  # a FAT boot sector is no MBR
     moved = crafted_gpt()
     moved[512 + 24 : 512 + 32] = struct.pack("<Q", 7)  # my_lba must be 1
     moved[512 + 16 : 512 + 20] = b"\0\0\0\0"
     moved[512 + 16 : 512 + 20] = struct.pack("<I", zlib.crc32(moved[512 : 512 + 92]))
-    assert partition_table(bytes(moved)).problem == "a GPT header with an invalid layout"
+    assert partition_table(bytes(moved)).problem == (
+        "the primary GPT header says it lives at LBA 7"
+    )
 
 
 def test_describe_probe_and_printable() -> None:
