@@ -60,9 +60,10 @@ class Table:
 
 
 def _fat_boot_sector(head: bytes) -> bool:
-    """A FAT filesystem's boot sector also ends in 55 AA (the test oslo's GPT inspector
-    uses: two FATs on a fixed disk)."""
-    return len(head) >= 512 and head[0x10] == 2 and head[0x15] == 0xF8
+    """A FAT filesystem's boot sector also ends in 55 AA: oslo's GPT inspector's test (two
+    FATs on a fixed disk), with the FAT type string, so that boot code is never taken for it."""
+    fat_type = head[0x36:0x39] == b"FAT" or head[0x52:0x57] == b"FAT32"
+    return len(head) >= 512 and head[0x10] == 2 and head[0x15] == 0xF8 and fat_type
 
 
 def gpt_sector_size(head: bytes) -> int:

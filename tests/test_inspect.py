@@ -462,6 +462,8 @@ def test_partition_table_pure() -> None:
     assert partition_table(bytes(mbr)) == Table("dos")
     fat = bytearray(mbr)
     fat[0x10], fat[0x15] = 2, 0xF8
+    assert partition_table(bytes(fat)) == Table("dos")  # boot code may hold those bytes
+    fat[0x36:0x3B] = b"FAT16"
     assert partition_table(bytes(fat)) == Table(None)  # a FAT boot sector is no MBR
     mbr[446] = 0x12  # not a boot flag: this is boot code, not a table
     assert partition_table(bytes(mbr)) == Table(None)
