@@ -50,10 +50,9 @@ class Detection:
     ``name`` is qemu-img's name for it (``raw`` when nothing specific matched); ``matches``
     what every inspector that matched found, in qemu's names except ``gpt`` (the library's
     name for an MBR-signed sector 0, which qemu calls raw): ``("gpt", "iso")`` for an
-    ISO-hybrid;
-    ``problems`` why the library's safety checks refuse it (filled for qcow2 only: the only
-    non-raw format the agent accepts); ``polyglot`` when the matches are two formats that
-    cannot both be true.
+    ISO-hybrid; ``problems`` why the library's safety checks refuse it (filled for qcow2
+    only: the only non-raw format the agent accepts); ``polyglot`` when the matches are two
+    formats that cannot both be true.
     """
 
     name: str
