@@ -109,6 +109,24 @@ def unsafe_qcow2(reason: str) -> str:
     return f"image provided is an unsafe qcow2 image: {reason}."
 
 
+def ambiguous_format(formats: list[str]) -> str:
+    return (
+        f"image provided matches several formats at once ({', '.join(formats)}); "
+        "such a polyglot image would be read differently by different tools, so it is refused."
+    )
+
+
+def damaged_image(image_type: str, reason: str) -> str:
+    return f"image provided is a damaged {image_type} image: {reason}."
+
+
+def qcow2_without_partition_table(contents: str) -> str:
+    return (
+        "image provided is a qcow2 image whose virtual disk has no partition table "
+        f"(neither MBR nor GPT). It seems to contain: {contents}"
+    )
+
+
 def disk_busy(device: str, reason: str) -> str:
     return f"Target disk {device} is busy: {reason}."
 
