@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
             help="read-back of the written image: all of it, its data and samples of its "
             "zeroes (default), or none",
         )
+        p.add_argument(
+            "--stream",
+            action="store_true",
+            help="write the image while it downloads (the checksum still gates the partition "
+            "table; a failed install has overwritten the disk)",
+        )
 
     p = sub.add_parser("install", help="run one install")
     p.add_argument("--payload", required=True, help="request JSON file, or - for stdin")
@@ -216,6 +222,7 @@ def _install_options(args: argparse.Namespace, hints: dict[str, str]) -> Any:
         workdir=args.workdir or DEFAULT_WORKDIR,
         download_settings=download_settings(args.ca_bundle),
         verify=args.verify,
+        stream=args.stream,
     )
 
 

@@ -37,6 +37,7 @@ from agent import (
     inspect,
     layout,
     memory,
+    streamcopy,
     writer,
 )
 from agent import messages as msg
@@ -59,6 +60,7 @@ class InstallOptions:
     workdir: Path = DEFAULT_WORKDIR
     download_settings: download.DownloadSettings | None = None
     verify: str = "sample"  # full | sample | none (agent/writer.py)
+    stream: bool = False  # write while downloading (agent/streamcopy.py)
 
 
 def download_settings(ca_bundle: str | None = None) -> download.DownloadSettings | None:
@@ -254,19 +256,24 @@ def _install(
             disks.check_not_busy(target)
             pinned = claim.pin(target.path, target.major, target.minor, target.size)
             stack.enter_context(claim.locked(target.path))
+            # the old disk's metadata, read before anything (a streaming write) touches it
+            stale = blockdev.stale_regions(target.path)
             status.set_disk(target.path)
             log.info("target disk: %s (%s)", target.path, target.reason)
 
         area = stack.enter_context(download_area(options.workdir, budget))
-        image_path = _fetch(request, options, status, step, signals, area / "image", budget)
-        with step("inspect"):
-            info = inspect.inspect_image(image_path, request.image_type)
-            inspect.check_fits_disk(info, target.path, target.size)
-            inspect.check_sector_size(info, target.path, target.logical_sector_size)
-        with step("prepare"):
-            drive, plan = _prepare(request, target, image_path, info, area)
-        job = _WriteJob(request, options, target, pinned, image_path, info, plan, drive)
-        job.run(status, step, signals)
+        job = _WriteJob(request, options, target, pinned, area / "image")
+        if options.stream:
+            job.start_stream(stack, area)
+        with job.clearing():
+            _fetch(request, options, status, step, signals, job, budget)
+            with step("inspect"):
+                info = inspect.inspect_image(job.image, request.image_type)
+                inspect.check_fits_disk(info, target.path, target.size)
+                inspect.check_sector_size(info, target.path, target.logical_sector_size)
+            with step("prepare"):
+                drive, plan = _prepare(request, target, job.image, info, area, stale)
+            job.run(info, plan, drive, status, step, signals)
 
     with step("bootloader"):
         if request.efi_bootloader_path:
@@ -281,27 +288,38 @@ def _fetch(
     status: InstallStatus,
     step: _Steps,
     signals: _Signals,
-    image_path: Path,
+    job: _WriteJob,
     budget: int,
-) -> Path:
-    """Download and checksum the image into the download area."""
+) -> None:
+    """Download and checksum the image into the download area (the stream copy, if any,
+    follows the download)."""
+    progress = status.update_progress
+    if job.stream is not None:
+        stream_progress = job.stream.progress
+
+        def progress(done: int, total: int | None) -> None:
+            status.update_progress(done, total)
+            stream_progress(done, total)
+
     with step("download"):
         result = download.download(
             request.image_url,
-            image_path,
+            job.image,
             headers=request.http_headers,
             image_type=request.image_type,
             checksum_type=request.checksum_type,
             memory_budget=budget,
-            on_progress=signals.watching(status.update_progress),
+            on_progress=signals.watching(progress),
             settings=options.download_settings,
         )
+        if job.stream is not None:
+            job.stream.progress(result.size, result.size)
+            job.stream.downloaded()
     with step("checksum"):
         if request.checksum_type and request.checksum:
             verify(request.checksum_type, result.digest or "", request.checksum)
         elif not result.length_verified:
             status.warn(msg.UNVERIFIED_DOWNLOAD)
-    return image_path
 
 
 def _prepare(
@@ -310,6 +328,7 @@ def _prepare(
     image_path: Path,
     info: inspect.ImageInfo,
     area: Path,
+    stale: list[layout.Region],
 ) -> tuple[Path, layout.DiskPlan]:
     """Build the config drive and plan the whole disk: every refusal before the first write."""
     drive = area / "configdrive.img"
@@ -319,7 +338,6 @@ def _prepare(
         raise
     except Exception as exc:
         raise InstallError(msg.CONFIGDRIVE_FAILED, f"building the drive: {exc}") from None
-    stale = blockdev.stale_regions(target.path)
     try:
         plan = layout.plan(image_path, info.format, info.virtual_size, target, drive, stale, area)
     except layout.PlanError as exc:
@@ -339,42 +357,81 @@ class _WriteJob:
     target: disks.Disk
     pinned: claim.Pin
     image: Path
-    info: inspect.ImageInfo
-    plan: layout.DiskPlan
-    drive: Path
     touched: bool = False
+    fd: int | None = None  # the O_EXCL claim, once taken
+    stream: streamcopy.StreamCopy | None = None
 
-    def run(self, status: InstallStatus, step: _Steps, signals: _Signals) -> None:
+    def start_stream(self, stack: contextlib.ExitStack, area: Path) -> None:
+        """--stream: hold the disk now and let the body follow the download."""
+        disks.check_not_busy(self.target)
+        self.fd = stack.enter_context(claim.hold(self.pinned))
+        self.stream = streamcopy.StreamCopy(
+            self.image, self.request.image_type, self.target.path, self.target.size, area
+        )
+        stack.callback(self.stream.stop)
+
+    @contextlib.contextmanager
+    def clearing(self) -> Iterator[None]:
+        """Whatever fails after the disk was first written leaves it with no table."""
         try:
-            with contextlib.ExitStack() as held:
-                self._steps(held, status, step, signals)
+            yield
         except BaseException as exc:
-            if self.touched:
+            if self.stream is not None:
+                self.stream.stop()
+            if self.touched or (self.stream is not None and self.stream.touched):
                 self._clear()
             if isinstance(exc, (InstallError, Interrupted, KeyboardInterrupt)):
                 raise
-            raise InstallError(msg.cant_write(self.request.image_type), repr(exc)) from None
+            if self.touched:
+                raise InstallError(msg.cant_write(self.request.image_type), repr(exc)) from None
+            raise
+
+    def run(
+        self,
+        info: inspect.ImageInfo,
+        plan: layout.DiskPlan,
+        drive: Path,
+        status: InstallStatus,
+        step: _Steps,
+        signals: _Signals,
+    ) -> None:
+        with contextlib.ExitStack() as held:
+            self._steps(held, info, plan, drive, status, step, signals)
 
     def _steps(
-        self, held: contextlib.ExitStack, status: InstallStatus, step: _Steps, signals: _Signals
+        self,
+        held: contextlib.ExitStack,
+        info: inspect.ImageInfo,
+        plan: layout.DiskPlan,
+        drive: Path,
+        status: InstallStatus,
+        step: _Steps,
+        signals: _Signals,
     ) -> None:
-        path, plan, kind = self.target.path, self.plan, self.request.image_type
+        path, kind = self.target.path, self.request.image_type
         progress = signals.watching(status.update_progress)
         with step("write"):
-            disks.check_not_busy(self.target)
-            fd = held.enter_context(claim.hold(self.pinned))
+            fd = self._hold(held)
             self.touched = True
             _io(lambda: blockdev.zero(path, plan.zero_first), msg.cant_write(kind))
-            writer.checkpoint("body")
-            writer.copy_body(self.image, self.info.format, path, plan, kind, progress)
+            if self.stream is None or not self.stream.wait(progress):
+                writer.checkpoint("body")
+                writer.copy_body(self.image, info.format, path, plan, kind, progress)
         with step("verify"):
             writer.verify_body(
-                self.image, self.info.format, path, plan, kind, self.options.verify, progress
+                self.image,
+                info.format,
+                path,
+                plan,
+                kind,
+                self.options.verify,
+                progress,
+                extents=info.data_extents,
             )
         self.image.unlink()  # its RAM is the rescue system's again
         with step("configdrive"):
             claim.check_same(self.pinned, fd)
-            _io(lambda: writer.write_drive(path, plan, self.drive), msg.CONFIGDRIVE_FAILED)
+            _io(lambda: writer.write_drive(path, plan, drive), msg.CONFIGDRIVE_FAILED)
             writer.checkpoint("tables")
         table_failed = msg.GPT_MOVE_FAILED if plan.label == "gpt" else msg.CONFIGDRIVE_FAILED
         with step("gpt"), signals.deferred():
@@ -385,6 +442,14 @@ class _WriteJob:
             problems = writer.result_problems(path, plan)
             if problems:
                 raise InstallError(table_failed, f"{path}: " + "; ".join(problems))
+
+    def _hold(self, held: contextlib.ExitStack) -> int:
+        if self.fd is not None:
+            claim.check_same(self.pinned, self.fd)
+            return self.fd
+        disks.check_not_busy(self.target)
+        self.fd = held.enter_context(claim.hold(self.pinned))
+        return self.fd
 
     def _clear(self) -> None:
         try:

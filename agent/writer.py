@@ -19,13 +19,12 @@ its zero ranges; ``none`` skips the read-back.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent import messages as msg
@@ -33,7 +32,7 @@ from agent import ptable
 from agent.blockdev import flush, zero
 from agent.layout import CONFIG_FSTYPES, CONFIG_LABELS, DiskPlan, Region, merge
 from agent.messages import InstallError
-from agent.tools import UNTRUSTED, Limits, ToolError, opt_value, run, spawn, stop
+from agent.tools import Limits, ToolError, opt_value, run, spawn, stop
 from agent.units import MiB
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ def _source(image: Path, fmt: str, window: Region) -> str:
     return f"{cut},file.driver={fmt},file.file.driver=file,file.file.filename={opt_value(image)}"
 
 
-def _target(target: str, window: Region, *, sized: bool = True) -> str:
+def target_opts(target: str, window: Region, *, sized: bool = True) -> str:
     driver = "host_device" if target.startswith("/dev/") else "file"
     cut = f"driver=raw,offset={window[0]}" + (f",size={window[1]}" if sized else "")
     return f"{cut},file.driver={driver},file.filename={opt_value(target)}"
@@ -73,16 +72,16 @@ def convert_args(image: Path, fmt: str, target: str, window: Region, direct: boo
     args = ["qemu-img", "convert", "-p", "-n", "-W", "-m", "16"]
     args += ["-t", "none"] if direct else ["-t", "writeback"]
     args += ["--image-opts", _source(image, fmt, window)]
-    return [*args, "--target-image-opts", _target(target, window, sized=False)]
+    return [*args, "--target-image-opts", target_opts(target, window, sized=False)]
 
 
 def compare_args(image: Path, fmt: str, target: str, window: Region) -> list[str]:
     """qemu-img compare of one window: the device read with O_DIRECT (the disk, not a cache)."""
-    disk = _target(target, window) + ",cache.direct=on"
+    disk = target_opts(target, window) + ",cache.direct=on"
     return ["qemu-img", "compare", "-p", "--image-opts", _source(image, fmt, window), disk]
 
 
-def _follow(args: list[str], length: int, on_progress: Progress | None, timeout: float) -> str:
+def follow(args: list[str], length: int, on_progress: Progress | None, timeout: float) -> str:
     """Run a qemu-img with ``-p``, feeding its percentage to ``on_progress``; returns stderr.
     Raises ToolError on failure. An exception from ``on_progress`` (an interrupt) kills it."""
     proc = spawn(args, limits=Limits(address_space=4 << 30, cpu_seconds=int(timeout)))
@@ -121,14 +120,14 @@ def copy_body(
         return
     try:
         try:
-            _follow(convert_args(image, fmt, target, window, True), window[1], on_progress, timeout)
+            follow(convert_args(image, fmt, target, window, True), window[1], on_progress, timeout)
         except ToolError as first:
             # Some block devices refuse O_DIRECT; buffered writes plus a flush are durable too.
             if "O_DIRECT" not in first.detail and "Invalid argument" not in first.detail:
                 raise
             log.warning("direct I/O refused on %s, retrying with buffered writes", target)
             args = convert_args(image, fmt, target, window, False)
-            _follow(args, window[1], on_progress, timeout)
+            follow(args, window[1], on_progress, timeout)
         flush(target)
     except (ToolError, OSError) as exc:
         raise InstallError(msg.cant_write(image_type), str(exc)) from None
@@ -137,21 +136,6 @@ def copy_body(
 
 
 # --- verification -------------------------------------------------------------------------------
-
-
-def data_extents(image: Path, fmt: str) -> list[Region]:
-    """The guest ranges the image maps as data (``qemu-img map``), merged."""
-    proc = run(
-        ["qemu-img", "map", "--output=json", "-f", fmt, str(image)],
-        timeout=300,
-        limits=UNTRUSTED,
-    )
-    extents = [
-        (int(e["start"]), int(e["length"]))
-        for e in json.loads(proc.stdout)
-        if e.get("data") and not e.get("zero")
-    ]
-    return merge(extents, sys.maxsize)
 
 
 def clip(regions: list[Region], window: Region) -> list[Region]:
@@ -198,16 +182,12 @@ def verify_body(
     mode: str = "sample",
     on_progress: Progress | None = None,
     timeout: float = 6 * 3600,
+    extents: Sequence[Region] | None = None,
 ) -> int:
     """Read the body back and compare it with the image; cant_write if it differs. Returns
-    the number of bytes compared."""
-    data = None
-    if mode == "sample":
-        try:
-            data = data_extents(image, fmt)
-        except (ToolError, ValueError, KeyError) as exc:
-            log.warning("no extent map of the image (%s): verifying all of it", exc)
-    regions = verify_regions(mode, data, plan.body)
+    the number of bytes compared. ``extents``: the image's data ranges (inspect's
+    ``qemu-img map``), which ``sample`` compares in full; without them it compares all."""
+    regions = verify_regions(mode, list(extents) if extents else None, plan.body)
     total = sum(length for _, length in regions)
     done = 0
     for window in regions:
@@ -217,7 +197,7 @@ def verify_body(
                 on_progress(base + n, total)
 
         try:
-            _follow(compare_args(image, fmt, target, window), window[1], progress, timeout)
+            follow(compare_args(image, fmt, target, window), window[1], progress, timeout)
         except ToolError as exc:
             what = "differs from the image" if exc.returncode == 1 else "could not be read back"
             raise InstallError(
