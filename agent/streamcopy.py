@@ -23,10 +23,14 @@ False and the pipeline copies the body from the complete file as usual.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import struct
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent import blockdev, formats, stream
@@ -36,6 +40,23 @@ from agent.writer import Progress, follow, target_opts
 
 log = logging.getLogger(__name__)
 DETECT_BYTES = 2 * MiB
+SOCKET_PATH_ROOM = 80  # the export adds its socket's name; sun_path holds 107 bytes
+
+
+@contextlib.contextmanager
+def _socket_dir(workdir: Path) -> Iterator[Path]:
+    """A directory for the export's Unix socket: the work area, or a short private one when
+    the work area's path is too long for a socket address (108 bytes)."""
+    if len(str(workdir)) < SOCKET_PATH_ROOM:
+        yield workdir
+        return
+    short = Path(
+        tempfile.mkdtemp(prefix="byoi-nbd-", dir="/run" if os.access("/run", os.W_OK) else None)
+    )
+    try:
+        yield short
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 class StreamCopy:
@@ -117,7 +138,10 @@ class StreamCopy:
         self.window = body
         blockdev.zero(self.target, [(0, min(HEAD_SIZE, self.disk_size))])
         self.touched = True
-        with stream.export(self.image, size, growing, self.workdir) as nbd:
+        with (
+            _socket_dir(self.workdir) as where,
+            stream.export(self.image, size, growing, where) as nbd,
+        ):
             parts = stream.windows(body) if self.fmt == "qcow2" else [body]
             for offset, length in parts:
                 if self._cancel.is_set():
