@@ -25,6 +25,7 @@ from tenacity import (
 )
 
 from agent import ptable
+from agent.regions import Region, merge
 from agent.tools import ToolError, run
 from agent.units import GPT_SIGNATURE, MiB
 
@@ -37,7 +38,6 @@ BLKFLSBUF = 0x1261
 BLKGETSIZE64 = 0x80081272
 
 WIPE_SPAN = MiB  # zeroed at the head and tail of the disk and of every old partition
-Region = tuple[int, int]  # (offset, length) in bytes
 
 
 # --- sizes --------------------------------------------------------------------------------------
@@ -124,21 +124,7 @@ def wipe_regions(
         edge = min(span, length)
         wanted += [(start, edge), (start + length - edge, edge)]
     wanted += list(extra)
-    clipped = []
-    for start, length in wanted:
-        begin, end = max(0, start), min(disk_size, start + length)
-        begin -= begin % sector
-        end += -end % sector
-        end = min(end, disk_size)
-        if end > begin:
-            clipped.append((begin, end))
-    merged: list[list[int]] = []
-    for begin, end in sorted(clipped):
-        if merged and begin <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([begin, end])
-    return [(begin, end - begin) for begin, end in merged]
+    return merge(wanted, disk_size, sector)
 
 
 def old_partitions(path: str) -> list[Region]:

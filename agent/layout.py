@@ -28,6 +28,7 @@ from typing import Protocol
 
 from agent import gpt, ptable
 from agent.ptable import EXTENDED_TYPES, Partition, Table
+from agent.regions import Region, merge, subtract
 from agent.tools import UNTRUSTED, ToolError, opt_value, run
 from agent.units import CONFIG_DRIVE_MAX, HEAD_SIZE, MiB
 
@@ -37,7 +38,6 @@ CONFIG_LABELS = ("config-2", "CONFIG-2")
 CONFIG_FSTYPES = ("iso9660", "vfat")
 MBR_LIMIT_SECTORS = 2**32  # MBR start and size are 32-bit sector counts
 PROBED_PARTITION_MAX = 1024 * MiB  # larger partitions are not config drives: not probed
-Region = tuple[int, int]  # (offset, length) in bytes
 
 
 class DiskLike(Protocol):
@@ -135,40 +135,6 @@ def relocated(table: Table, disk_sectors: int) -> Table:
         return table
     last = disk_sectors - 2 - 16384 // table.sector_size
     return Table(table.label, table.sector_size, table.partitions, table.first_lba, last)
-
-
-def merge(regions: Sequence[Region], limit: int, align: int = 512) -> list[Region]:
-    """Regions clipped to [0, limit), widened to ``align``, sorted and merged."""
-    spans = []
-    for start, length in regions:
-        begin, end = max(0, start), min(limit, start + length)
-        begin -= begin % align
-        end = min(limit, end + -end % align)
-        if end > begin:
-            spans.append([begin, end])
-    merged: list[list[int]] = []
-    for begin, end in sorted(spans):
-        if merged and begin <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([begin, end])
-    return [(b, e - b) for b, e in merged]
-
-
-def subtract(regions: Sequence[Region], window: Region) -> list[Region]:
-    """``regions`` minus the ``window`` (offset, length)."""
-    w_begin, w_end = window[0], window[0] + window[1]
-    out = []
-    for start, length in regions:
-        end = start + length
-        if end <= w_begin or start >= w_end:
-            out.append((start, length))
-            continue
-        if start < w_begin:
-            out.append((start, w_begin - start))
-        if end > w_end:
-            out.append((w_end, end - w_end))
-    return out
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from agent import messages as msg
 from agent.checksum import verify
 from agent.messages import InstallError
 from agent.payload import InstallRequest
+from agent.regions import Region
 from agent.status import InstallStatus
 from agent.workspace import clean_stale, download_area
 
@@ -328,7 +329,7 @@ def _prepare(
     image_path: Path,
     info: inspect.ImageInfo,
     area: Path,
-    stale: list[layout.Region],
+    stale: list[Region],
 ) -> tuple[Path, layout.DiskPlan]:
     """Build the config drive and plan the whole disk: every refusal before the first write."""
     drive = area / "configdrive.img"
@@ -344,6 +345,15 @@ def _prepare(
         message = msg.CONFIGDRIVE_FAILED if exc.kind == "configdrive" else msg.GPT_MOVE_FAILED
         raise InstallError(message, f"{target.path}: nothing written: {exc}") from None
     return drive, plan
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What the write phase puts on the disk: the inspected image, its plan, the drive."""
+
+    info: inspect.ImageInfo
+    plan: layout.DiskPlan
+    drive: Path
 
 
 @dataclass
@@ -396,18 +406,17 @@ class _WriteJob:
         signals: _Signals,
     ) -> None:
         with contextlib.ExitStack() as held:
-            self._steps(held, info, plan, drive, status, step, signals)
+            self._steps(held, _Written(info, plan, drive), status, step, signals)
 
     def _steps(
         self,
         held: contextlib.ExitStack,
-        info: inspect.ImageInfo,
-        plan: layout.DiskPlan,
-        drive: Path,
+        what: _Written,
         status: InstallStatus,
         step: _Steps,
         signals: _Signals,
     ) -> None:
+        info, plan, drive = what.info, what.plan, what.drive
         path, kind = self.target.path, self.request.image_type
         progress = signals.watching(status.update_progress)
         with step("write"):

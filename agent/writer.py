@@ -30,8 +30,9 @@ from pathlib import Path
 from agent import messages as msg
 from agent import ptable
 from agent.blockdev import flush, zero
-from agent.layout import CONFIG_FSTYPES, CONFIG_LABELS, DiskPlan, Region, merge
+from agent.layout import CONFIG_FSTYPES, CONFIG_LABELS, DiskPlan
 from agent.messages import InstallError
+from agent.regions import Region, merge
 from agent.tools import Limits, ToolError, opt_value, run, spawn, stop
 from agent.units import MiB
 

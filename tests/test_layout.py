@@ -21,7 +21,7 @@ from cloudinit_reader import (
     read_with_cloudinit,
 )
 
-from agent import blockdev, configdrive, layout, ptable, writer
+from agent import blockdev, configdrive, layout, ptable, regions, writer
 from agent.payload import parse_request
 from agent.ptable import Partition, Table
 
@@ -238,10 +238,10 @@ def test_parse_sfdisk_json_numbers_from_node_names() -> None:
 
 
 def test_subtract_and_merge() -> None:
-    assert layout.subtract([(0, 100), (200, 100)], (50, 200)) == [(0, 50), (250, 50)]
-    assert layout.subtract([(0, 100)], (10, 20)) == [(0, 10), (30, 70)]
-    assert layout.merge([(600, 10), (0, 512), (500, 30)], 1024) == [(0, 1024)]
-    assert layout.merge([(0, 10), (4096, 10)], 8192, 512) == [(0, 512), (4096, 512)]
+    assert regions.subtract([(0, 100), (200, 100)], (50, 200)) == [(0, 50), (250, 50)]
+    assert regions.subtract([(0, 100)], (10, 20)) == [(0, 10), (30, 70)]
+    assert regions.merge([(600, 10), (0, 512), (500, 30)], 1024) == [(0, 1024)]
+    assert regions.merge([(0, 10), (4096, 10)], 8192, 512) == [(0, 512), (4096, 512)]
 
 
 def test_gpt_tables_built_in_python_pass_sgdisk(tmp_path: Path) -> None:
