@@ -329,6 +329,49 @@ def test_signal_during_download_ends_with_one_message(tmp_path, make_loop, sig) 
     assert disk_digest(dev) == before
 
 
+def test_two_installs_on_one_disk_the_second_is_refused(tmp_path, make_loop) -> None:
+    """Two agents (two processes) on one disk: the second finds the first one's flock and is
+    refused as busy before it downloads anything; the first one's install is untouched."""
+    image = build_image(tmp_path / "img.qcow2", size_mib=24).read_bytes()
+    gate = threading.Event()
+    server = gated_server(image, gate)
+    dev = make_loop(DISK)
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    try:
+        first = start_install(tmp_path, payload(server.url("/img"), "qcow2"), dev)
+        wait_for(lambda: downloading(tmp_path / "work") and server.count("/img") == 1)
+        requests_before = server.count("/img")
+        second = install_cli(second_dir, payload(server.url("/img"), "qcow2"), dev)
+        gate.set()
+        out, err = first.communicate(timeout=120)
+    finally:
+        server.stop()
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert second.returncode == 1
+    assert result["message"] == msg.disk_busy(
+        dev, "another install (or a partitioning tool) holds its lock"
+    )
+    assert result["step"] == "disk"
+    assert server.count("/img") == requests_before, "the refused install downloaded"
+    assert first.returncode == 0, err
+
+
+def test_workdir_with_a_comma(tmp_path, http_dir, make_loop) -> None:
+    """qemu's option syntax splits on commas: a work area path holding one still works (the
+    values are escaped), for qcow2 (head, labels, body and read-back through --image-opts)."""
+    www, base_url = http_dir
+    build_image(www / "img.qcow2", size_mib=24)
+    dev = make_loop(DISK)
+    odd = tmp_path / "work,dir"
+    f = tmp_path / "payload.json"
+    f.write_text(json.dumps(payload(f"{base_url}/img.qcow2", "qcow2")))
+    proc = run_cli("install", "--payload", str(f), "--disk", dev, "--workdir", str(odd))
+    assert proc.returncode == 0, proc.stderr
+    verify = subprocess.run(["sgdisk", "-v", dev], capture_output=True, text=True)
+    assert "No problems found" in verify.stdout
+
+
 # --- 5. secrets ----------------------------------------------------------------------------------
 
 
