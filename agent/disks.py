@@ -158,31 +158,38 @@ def _devno(value: int) -> tuple[int, int] | None:
     return (os.major(value), os.minor(value)) if os.major(value) else None
 
 
-def read_system_state(proc_swaps: Path = Path("/proc/swaps")) -> SystemState:
+def read_system_state(
+    proc_swaps: Path = Path("/proc/swaps"), root: Path = Path("/")
+) -> SystemState:
     """Mounts (psutil) and active swaps (/proc/swaps) of the running system.
 
     Only device-backed mounts are kept. For the system mount points the dev number of the
     mounted filesystem (``st_dev``) is recorded too: /proc/mounts often names the root device
-    ``/dev/root``, which does not exist as a node.
+    ``/dev/root``, which does not exist as a node. ``root`` is where the system's ``/`` is
+    looked for (a test mounts one on a directory); a root on overlay, tmpfs or a ramdisk has no
+    block device and marks no disk.
     """
+    system = {os.path.normpath(os.path.join(root, m.lstrip("/"))): m for m in SYSTEM_MOUNTPOINTS}
     mounts: list[Mount] = []
+    listed: set[str] = set()
     for part in psutil.disk_partitions(all=True):
         if not part.device.startswith("/"):
             continue  # tmpfs, proc, overlay, nfs "host:/path": no local disk behind the name
         devno = None
-        if part.mountpoint in SYSTEM_MOUNTPOINTS:
+        where = system.get(part.mountpoint)
+        if where is not None:
+            listed.add(where)
             with contextlib.suppress(OSError):
                 devno = _devno(os.stat(part.mountpoint).st_dev)
-        mounts.append(Mount(part.device, part.mountpoint, devno))
+        mounts.append(Mount(part.device, where or part.mountpoint, devno))
     # A ramdisk root (rootfs/tmpfs/overlay) is skipped above; its dev number is anonymous anyway.
     # In a chroot (or a mount namespace) the mount that holds "/" may not be listed at all, so
     # the system mount points are also identified by the device their files live on.
-    listed = {m.where for m in mounts}
-    for where in SYSTEM_MOUNTPOINTS:
+    for path, where in system.items():
         if where in listed:
             continue
         with contextlib.suppress(OSError):
-            devno = _devno(os.stat(where).st_dev)
+            devno = _devno(os.stat(path).st_dev)
             if devno:
                 mounts.append(Mount(f"block device {devno[0]}:{devno[1]}", where, devno))
     swaps: list[Mount] = []
@@ -447,14 +454,14 @@ def _verdict(
     """The first reason this disk must not be written, or None."""
     if not explicit and (kind := never_reason(disk.name, disk.major, sysdir)):
         return kind
-    if not explicit and disk.removable:
-        return "removable medium (card reader, USB stick, virtual media; use --disk to force it)"
-    if not explicit and disk.transport == "usb":
-        return "USB-attached (stick, external disk or BMC virtual media; use --disk to force it)"
     if disk.read_only:
         return "read-only"
     if disk.size == 0:
         return "zero size (no medium?)"
+    if not explicit and disk.removable:
+        return "removable medium (card reader, USB stick, virtual media; use --disk to force it)"
+    if not explicit and disk.transport == "usb":
+        return "USB-attached (stick, external disk or BMC virtual media; use --disk to force it)"
     if disk.name in system:
         return system[disk.name]
     if explicit:
