@@ -12,7 +12,7 @@ import random
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -279,17 +279,50 @@ def test_system_disk_found_through_dm_and_md_slaves(fake: FakeSysfs) -> None:
     assert disks.choose(list(found.values()))[0].name == "sdd"
 
 
-def test_system_disk_found_through_a_loop_backing_file(fake: FakeSysfs, tmp_path: Path) -> None:
-    """A live system: / is a squashfs on loop0, whose file sits on the disk that is tmp_path's."""
-    squashfs = tmp_path / "filesystem.squashfs"
+@pytest.fixture
+def mounted(loop, tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Factory: ``mounted("ext4")`` (a fresh loop disk) or ``mounted("tmpfs")`` -> a mount point
+    under tmp_path, unmounted at teardown. Real block-backed and anonymous filesystems, whatever
+    "/" and /tmp are on this machine."""
+    points: list[Path] = []
+
+    def mount(kind: str) -> Path:
+        where = tmp_path / f"{kind}-{len(points)}"
+        where.mkdir()
+        if kind == "tmpfs":
+            _run("mount", "-t", "tmpfs", "tmpfs", str(where))
+        else:
+            dev = loop(32 * 1024**2, name=f"{where.name}.img")
+            _run("mkfs.ext4", "-q", "-F", dev)
+            _run("mount", dev, str(where))
+        points.append(where)
+        return where
+
+    yield mount
+    for where in reversed(points):
+        subprocess.run(["umount", str(where)], capture_output=True, timeout=60)
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("kind", ["ext4", "tmpfs"])
+def test_system_disk_found_through_a_loop_backing_file(fake: FakeSysfs, mounted, kind) -> None:
+    """A live system: / is a squashfs on loop0 whose file sits on the "medium" disk. On a block
+    filesystem the medium is found through the backing file; on tmpfs (a ramdisk, an overlay)
+    there is no disk behind it and nothing is marked."""
+    squashfs = mounted(kind) / "filesystem.squashfs"
     squashfs.write_bytes(b"hsqs")
     st_dev = os.stat(squashfs).st_dev
-    fake.disk("medium", os.major(st_dev), os.minor(st_dev))
+    assert (os.major(st_dev) == 0) == (kind == "tmpfs")
+    fake.disk("medium", os.major(st_dev) or 8, os.minor(st_dev) if kind == "ext4" else 16)
     fake.disk("other", 8, 0)
-    fake.disk("loop0", 7, 0, attrs={"loop/backing_file": str(squashfs)})
-    found = fake.discover(SystemState(mounts=(Mount("/dev/loop0", "/"),)))
-    assert not found["medium"].eligible and "holds the running system" in found["medium"].reason
-    assert found["other"].eligible
+    fake.disk("loop200", 7, 200, attrs={"loop/backing_file": str(squashfs)})
+    system = disks.system_disks(SystemState(mounts=(Mount("/dev/loop200", "/"),)), fake.sys)
+    if kind == "ext4":
+        assert set(system) == {"loop200", "medium"}
+        assert system["medium"] == "holds the running system (/ is on /dev/loop200)"
+    else:
+        assert set(system) == {"loop200"}
 
 
 def test_nothing_eligible_says_so(fake: FakeSysfs) -> None:
@@ -507,18 +540,45 @@ def test_real_discovery_never_offers_the_root_disk_or_loops() -> None:
             assert not disk.eligible
 
 
-def test_root_disk_found_when_its_mount_is_not_listed(monkeypatch) -> None:
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize("kind", ["ext4", "tmpfs"])
+def test_root_disk_found_when_its_mount_is_not_listed(monkeypatch, mounted, kind) -> None:
     """In a chroot the mount holding "/" is invisible in /proc/mounts: the device that "/"
-    lives on still marks its disk as the running system's (seen in a debootstrap chroot)."""
+    lives on still marks its disk as the running system's (seen in a debootstrap chroot). A
+    root on tmpfs or overlay (containers, the rescue ramdisk) has no disk and marks none."""
+    root = mounted(kind)
+    (root / "boot").mkdir()
     monkeypatch.setattr(disks.psutil, "disk_partitions", lambda all=True: [])
+    state = disks.read_system_state(root=root)
+    found = disks.system_disks(state)
+    st_dev = os.stat(root).st_dev
+    if kind == "tmpfs":
+        assert [m for m in state.mounts if m.where in ("/", "/boot")] == []
+        assert found == {}
+        return
+    devno = (os.major(st_dev), os.minor(st_dev))
+    assert {m.where: m.devno for m in state.mounts if m.where in ("/", "/boot")} == {
+        "/": devno,
+        "/boot": devno,
+    }
+    loop_name = disks._name_from_devno(devno, disks.REAL_SYSFS)
+    # the loop disk, and the disk its backing file is on when /tmp is on one
+    assert loop_name in found and set(found) == disks.whole_disks(loop_name)
+    assert found[loop_name].startswith("holds the running system (/ is on block device")
+
+
+def test_running_system_state_whatever_root_is() -> None:
+    """The real "/" may be a disk, an overlay or a tmpfs: reading the state never fails, and
+    it marks "/" exactly when "/" is on a block device."""
     state = disks.read_system_state()
     root = os.stat("/").st_dev
-    assert any(m.where == "/" and m.devno == (os.major(root), os.minor(root)) for m in state.mounts)
-    if os.major(root) == 0:
-        pytest.skip("/ is not on a block device here (ramdisk root)")
-    found = disks.system_disks(state)
-    assert found, "the disk holding / was not recognised"
-    assert all("holds the running system" in why for why in found.values())
+    with_devno = {m.devno for m in state.mounts if m.where == "/" and m.devno}
+    if os.major(root) == 0:  # overlay, tmpfs, ramdisk: no disk to protect, none invented
+        assert with_devno == set()
+    else:
+        assert (os.major(root), os.minor(root)) in with_devno
+    assert all("holds the running system" in why for why in disks.system_disks(state).values())
 
 
 def _run(*args: str) -> str:
@@ -554,33 +614,39 @@ def test_explicit_loop_disk_is_accepted(loop, sector) -> None:
     assert not {d.name: d for d in disks.discover()}[disk.name].eligible
 
 
+@pytest.fixture
+def readonly_loop(loop) -> Iterator[str]:
+    """A loop disk set read-only, set back read-write at teardown whatever the test did: the
+    flag outlives ``losetup -d`` and would break the next user of that loop number."""
+    dev = loop(8 * 1024**2, name="ro.img")
+    try:
+        _run("blockdev", "--setro", dev)
+        yield dev
+    finally:
+        subprocess.run(["blockdev", "--setrw", dev], capture_output=True, timeout=60)
+
+
 @pytest.mark.root
 @needs_root
-def test_explicit_refusals(loop, partitioned_loop, tmp_path) -> None:
+def test_explicit_refusals(loop, partitioned_loop, readonly_loop, tmp_path) -> None:
     regular = tmp_path / "file.img"
     regular.write_bytes(bytes(4096))
     cases = {
         str(regular): "not a block device",
         str(tmp_path / "missing"): "no such device",
         partitioned_loop + "p1": f"is a partition; name the whole disk ({partitioned_loop[5:]})",
+        loop(0, name="empty.img"): "zero size",
+        readonly_loop: "read-only",
     }
-    empty = loop(0, name="empty.img")
-    cases[empty] = "zero size"
-    ro = loop(8 * 1024**2, name="ro.img")
-    _run("blockdev", "--setro", ro)
-    cases[ro] = "read-only"
-    # The root disk: refused from sysfs and /proc/mounts alone, never opened.
-    root = disks._name_from_devno(disks._devno(os.stat("/").st_dev), Path("/sys"))
+    # The root disk, when "/" is on one: refused from sysfs and /proc/mounts alone, never opened.
+    root = disks._name_from_devno(disks._devno(os.stat("/").st_dev), disks.REAL_SYSFS)
     if root is not None:
         cases[f"/dev/{root}"] = "holds the running system"
-    try:
-        for device, reason in cases.items():
-            with pytest.raises(InstallError) as err:
-                disks.select_target(device, {})
-            assert err.value.message.startswith("Target disk "), device
-            assert "cannot be used" in err.value.message and reason in err.value.message, device
-    finally:
-        _run("blockdev", "--setrw", ro)
+    for device, reason in cases.items():
+        with pytest.raises(InstallError) as err:
+            disks.select_target(device, {})
+        assert err.value.message.startswith("Target disk "), device
+        assert "cannot be used" in err.value.message and reason in err.value.message, device
 
 
 @pytest.mark.root
