@@ -1011,3 +1011,52 @@ def test_pyudev_and_sysfs_agree_on_the_running_system() -> None:
     assert [d.name for d in with_udev] == [d.name for d in without]
     assert {d.name: d.eligible for d in with_udev} == {d.name: d.eligible for d in without}
     assert set(disks.udev_database()) <= {d.name for d in without}
+
+
+# --- diskGroupId through the install pipeline --------------------------------------------------
+
+
+def test_unknown_disk_group_refused_before_download(tmp_path: Path) -> None:
+    """``details.diskGroupId`` reaches the disk step, which refuses an unknown group before the
+    image is requested (a real HTTP server on 127.0.0.1 counts the requests)."""
+    import http.server
+    import json
+    import threading
+
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            requests.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/image.raw"
+    body = {
+        "templateName": "byoi_64",
+        "details": {"diskGroupId": 99},
+        "userMetadata": [{"key": "imageURL", "value": url}, {"key": "imageType", "value": "raw"}],
+    }
+    payload = tmp_path / "payload.json"
+    payload.write_text(json.dumps(body))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent", "install", "--payload", str(payload), "--json"]
+            + ["--workdir", str(tmp_path / "work")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).parent.parent,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 1 and result["step"] == "disk", proc.stderr
+    assert result["message"].startswith("Disk group 99 does not exist on this server")
+    assert requests == []
