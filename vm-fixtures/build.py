@@ -65,6 +65,9 @@ RESCUE_MODULES = [
 TINY_MODULES = [
     "virtio_pci",
     "virtio_blk",
+    "nvme",  # the installed disk also boots from NVMe and SATA (tests/vm/test_vm_hardware.py)
+    "ahci",
+    "sd_mod",
     "isofs",
     "vfat",
     "nls_cp437",
