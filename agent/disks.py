@@ -4,26 +4,32 @@ A wrong disk wiped is the worst thing this agent can do, so the rules are strict
 every block device is listed with the reason it is (or is not) eligible, the default choice is
 deterministic, and a disk is refused while anything uses it.
 
-Discovery enumerates ``block`` devices with ``DEVTYPE=disk`` through pyudev when the sysfs root
-is the real ``/sys`` (and libudev loads), and by listing ``<sysfs>/block`` otherwise (fabricated
-trees in tests, ramdisks without libudev). Either way the attributes are read by ONE function,
-``_read_disk``: udev properties when udevd has populated them, sysfs files when it has not (no
-udevd runs in most rescue ramdisks).
+Discovery lists ``<sysfs>/block`` (every whole disk) of a ``DiskSource``: the running system
+(``RUNNING``: /sys, /dev, udev's database through pyudev, the mounts, swaps and exclusive opens
+of this machine) or a fabricated tree in tests, which reaches every rule, the udev-properties
+one included. The attributes are read by ONE function, ``_read_disk``: udev properties when
+udevd has populated them, sysfs files when it has not (no udevd runs in most rescue ramdisks):
+serial, WWN and by-path per device kind (agent/diskid.py, agent/bypath.py).
 
 Never eligible: loop, ram, zram, optical (sr), floppy (fd), md, dm, nbd devices and eMMC
-boot/RPMB areas, read-only or zero-size disks, a disk that holds the running rescue system (what
-backs ``/``, ``/boot``, ``/boot/efi`` or a live medium, through partitions, dm/md slaves and loop
-backing files), a disk in use (mounted partitions, active swap, holders such as LVM/RAID/dm) and,
-for the automatic choice only, a disk smaller than 4 GiB (BMC virtual media, SD cards, ...).
+boot/RPMB areas, read-only or zero-size disks, removable media and USB-attached disks (sticks,
+card readers, BMC virtual media: only ``--disk`` names them), a disk that holds the running
+rescue system (what backs ``/``, ``/boot``, ``/boot/efi`` or a live medium, through partitions,
+dm/md slaves and loop backing files; a root on overlay, tmpfs or a ramdisk has no disk), a disk
+in use (mounted partitions, active swap, holders such as LVM/RAID/dm) and, for the automatic
+choice only, a disk smaller than 4 GiB.
 
 Default choice, among eligible disks (see ``choice_key``):
-  1. non-removable before removable: a USB stick or virtual CD is not where an OS goes;
+  1. non-removable before removable (kept as a second line of defence: removable media are
+     not eligible);
   2. non-rotational before rotational: a server mixing SSD/NVMe and HDD puts the OS on flash;
   3. the smallest first, like OpenStack Ironic: OS disks are usually smaller than data disks,
      and choosing the big data disk wipes the most;
   4. the natural name order last (sda < sdb, nvme0n1 < nvme1n1) so identical twins always give
      the same answer.
-Root-device hints (``--hint KEY=VALUE``) override the default; ``--disk`` overrides both but
+The eligible disks also form numbered disk groups (agent/diskgroups.py, OVHcloud's
+``diskGroupId``): group 1 holds the default choice. Precedence: ``--disk`` > root-device hints
+(``--hint KEY=VALUE``) > ``diskGroupId`` (the group's first disk) > the default; ``--disk``
 still goes through the safety checks (read-only, zero size, running system, busy).
 """
 
