@@ -269,7 +269,17 @@ def cmd_disks(args: argparse.Namespace) -> int:
         return 0
     for disk in report["disks"]:
         verdict = "eligible" if disk["eligible"] else "not eligible"
-        print(f"{disk['path']:<16} {_human(disk['size']):>10}  {verdict}: {disk['reason']}")
+        kind = disk.get("transport") or "-"
+        print(
+            f"{disk['path']:<16} {_human(disk['size']):>10} {kind:<7} {verdict}: {disk['reason']}"
+        )
+    for group in report.get("diskGroups", []):
+        disks = ", ".join(group["disks"])
+        print(
+            f"disk group {group['id']}: {group['count']} x {group['technology']} "
+            f"{_human(group['size'])} {group['model'] or ''}".rstrip()
+            + f" ({disks})"
+        )
     chosen = report.get("chosen")
     why = report.get("reason", "")
     print(

@@ -4,26 +4,32 @@ A wrong disk wiped is the worst thing this agent can do, so the rules are strict
 every block device is listed with the reason it is (or is not) eligible, the default choice is
 deterministic, and a disk is refused while anything uses it.
 
-Discovery enumerates ``block`` devices with ``DEVTYPE=disk`` through pyudev when the sysfs root
-is the real ``/sys`` (and libudev loads), and by listing ``<sysfs>/block`` otherwise (fabricated
-trees in tests, ramdisks without libudev). Either way the attributes are read by ONE function,
-``_read_disk``: udev properties when udevd has populated them, sysfs files when it has not (no
-udevd runs in most rescue ramdisks).
+Discovery lists ``<sysfs>/block`` (every whole disk) of a ``DiskSource``: the running system
+(``RUNNING``: /sys, /dev, udev's database through pyudev, the mounts, swaps and exclusive opens
+of this machine) or a fabricated tree in tests, which reaches every rule, the udev-properties
+one included. The attributes are read by ONE function, ``_read_disk``: udev properties when
+udevd has populated them, sysfs files when it has not (no udevd runs in most rescue ramdisks):
+serial, WWN and by-path per device kind (agent/diskid.py, agent/bypath.py).
 
 Never eligible: loop, ram, zram, optical (sr), floppy (fd), md, dm, nbd devices and eMMC
-boot/RPMB areas, read-only or zero-size disks, a disk that holds the running rescue system (what
-backs ``/``, ``/boot``, ``/boot/efi`` or a live medium, through partitions, dm/md slaves and loop
-backing files), a disk in use (mounted partitions, active swap, holders such as LVM/RAID/dm) and,
-for the automatic choice only, a disk smaller than 4 GiB (BMC virtual media, SD cards, ...).
+boot/RPMB areas, read-only or zero-size disks, removable media and USB-attached disks (sticks,
+card readers, BMC virtual media: only ``--disk`` names them), a disk that holds the running
+rescue system (what backs ``/``, ``/boot``, ``/boot/efi`` or a live medium, through partitions,
+dm/md slaves and loop backing files; a root on overlay, tmpfs or a ramdisk has no disk), a disk
+in use (mounted partitions, active swap, holders such as LVM/RAID/dm) and, for the automatic
+choice only, a disk smaller than 4 GiB.
 
 Default choice, among eligible disks (see ``choice_key``):
-  1. non-removable before removable: a USB stick or virtual CD is not where an OS goes;
+  1. non-removable before removable (kept as a second line of defence: removable media are
+     not eligible);
   2. non-rotational before rotational: a server mixing SSD/NVMe and HDD puts the OS on flash;
   3. the smallest first, like OpenStack Ironic: OS disks are usually smaller than data disks,
      and choosing the big data disk wipes the most;
   4. the natural name order last (sda < sdb, nvme0n1 < nvme1n1) so identical twins always give
      the same answer.
-Root-device hints (``--hint KEY=VALUE``) override the default; ``--disk`` overrides both but
+The eligible disks also form numbered disk groups (agent/diskgroups.py, OVHcloud's
+``diskGroupId``): group 1 holds the default choice. Precedence: ``--disk`` > root-device hints
+(``--hint KEY=VALUE``) > ``diskGroupId`` (the group's first disk) > the default; ``--disk``
 still goes through the safety checks (read-only, zero size, running system, busy).
 """
 
@@ -36,7 +42,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +50,13 @@ from typing import Any
 import psutil
 
 from agent import messages as msg
+from agent.bypath import Location, locate
+from agent.diskgroups import DiskGroup, number_groups, pick_group
+from agent.diskid import identity
 from agent.messages import InstallError
+from agent.sysfs import listdir as _listdir
+from agent.sysfs import read_attr as _attr
+from agent.sysfs import read_int as _int_attr
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +64,7 @@ GiB = 1024**3
 MIN_AUTO_SIZE = 4 * GiB
 REAL_SYSFS = Path("/sys")
 REAL_DEV = Path("/dev")
-HINT_KEYS = ("name", "serial", "wwn", "model", "vendor", "size", "rotational", "by_path")
+HINT_KEYS = ("name", "serial", "wwn", "wwid", "model", "vendor", "size", "rotational", "by_path")
 
 # Mount points whose backing disk is the running rescue system itself.
 SYSTEM_MOUNTPOINTS = (
@@ -116,11 +128,15 @@ class Disk:
     minor: int = 0
     partitions: tuple[str, ...] = ()
     holders: tuple[str, ...] = ()
+    wwid: str | None = None  # sysfs' VPD 0x83 designator as is (naa., eui., t10. vendor string)
+    transport: str | None = None  # nvme, sata, sas, scsi, usb, virtio (from the sysfs path)
+    by_path_aliases: tuple[str, ...] = ()  # udev's compat by-path names of the same disk
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["partitions"] = list(self.partitions)
         data["holders"] = list(self.holders)
+        data["by_path_aliases"] = list(self.by_path_aliases)
         return data
 
 
@@ -148,31 +164,38 @@ def _devno(value: int) -> tuple[int, int] | None:
     return (os.major(value), os.minor(value)) if os.major(value) else None
 
 
-def read_system_state(proc_swaps: Path = Path("/proc/swaps")) -> SystemState:
+def read_system_state(
+    proc_swaps: Path = Path("/proc/swaps"), root: Path = Path("/")
+) -> SystemState:
     """Mounts (psutil) and active swaps (/proc/swaps) of the running system.
 
     Only device-backed mounts are kept. For the system mount points the dev number of the
     mounted filesystem (``st_dev``) is recorded too: /proc/mounts often names the root device
-    ``/dev/root``, which does not exist as a node.
+    ``/dev/root``, which does not exist as a node. ``root`` is where the system's ``/`` is
+    looked for (a test mounts one on a directory); a root on overlay, tmpfs or a ramdisk has no
+    block device and marks no disk.
     """
+    system = {os.path.normpath(os.path.join(root, m.lstrip("/"))): m for m in SYSTEM_MOUNTPOINTS}
     mounts: list[Mount] = []
+    listed: set[str] = set()
     for part in psutil.disk_partitions(all=True):
         if not part.device.startswith("/"):
             continue  # tmpfs, proc, overlay, nfs "host:/path": no local disk behind the name
         devno = None
-        if part.mountpoint in SYSTEM_MOUNTPOINTS:
+        where = system.get(part.mountpoint)
+        if where is not None:
+            listed.add(where)
             with contextlib.suppress(OSError):
                 devno = _devno(os.stat(part.mountpoint).st_dev)
-        mounts.append(Mount(part.device, part.mountpoint, devno))
+        mounts.append(Mount(part.device, where or part.mountpoint, devno))
     # A ramdisk root (rootfs/tmpfs/overlay) is skipped above; its dev number is anonymous anyway.
     # In a chroot (or a mount namespace) the mount that holds "/" may not be listed at all, so
     # the system mount points are also identified by the device their files live on.
-    listed = {m.where for m in mounts}
-    for where in SYSTEM_MOUNTPOINTS:
+    for path, where in system.items():
         if where in listed:
             continue
         with contextlib.suppress(OSError):
-            devno = _devno(os.stat(where).st_dev)
+            devno = _devno(os.stat(path).st_dev)
             if devno:
                 mounts.append(Mount(f"block device {devno[0]}:{devno[1]}", where, devno))
     swaps: list[Mount] = []
@@ -193,22 +216,6 @@ def read_system_state(proc_swaps: Path = Path("/proc/swaps")) -> SystemState:
 # --- sysfs helpers ------------------------------------------------------------------------------
 
 
-def _attr(path: Path) -> str | None:
-    try:
-        value = path.read_text(errors="replace").strip()
-    except OSError:
-        return None
-    return value or None
-
-
-def _int_attr(path: Path, default: int = 0) -> int:
-    value = _attr(path)
-    try:
-        return int(value) if value is not None else default
-    except ValueError:
-        return default
-
-
 def _partitions(sysdir: Path) -> tuple[str, ...]:
     try:
         return tuple(sorted(p.name for p in sysdir.iterdir() if (p / "partition").is_file()))
@@ -216,14 +223,17 @@ def _partitions(sysdir: Path) -> tuple[str, ...]:
         return ()
 
 
-def _listdir(path: Path) -> tuple[str, ...]:
-    try:
-        return tuple(sorted(p.name for p in path.iterdir()))
-    except OSError:
-        return ()
+def partition_name(disk: str, number: int) -> str:
+    """The kernel name of partition ``number`` of ``disk``: a ``p`` separates two digits
+    (``nvme0n1p1``, ``mmcblk0p1``, ``loop0p1``), none otherwise (``sda1``, ``vda1``)."""
+    return f"{disk}p{number}" if disk[-1:].isdigit() else f"{disk}{number}"
 
 
-def _name_from_devno(devno: tuple[int, int], sysfs: Path) -> str | None:
+def _name_from_devno(devno: tuple[int, int] | None, sysfs: Path) -> str | None:
+    """Kernel name of the block device ``major:minor`` (None for anonymous or unknown numbers:
+    a root on overlay, tmpfs or a ramdisk has no block device behind it)."""
+    if devno is None or devno[0] == 0:
+        return None
     link = sysfs / "dev" / "block" / f"{devno[0]}:{devno[1]}"
     if not link.exists():
         return None
@@ -319,24 +329,48 @@ def _holders(sysdir: Path, partitions: Iterable[str]) -> tuple[str, ...]:
 # --- discovery ----------------------------------------------------------------------------------
 
 
-def _serial_from_vpd(sysdir: Path) -> str | None:
-    try:
-        page = (sysdir / "device" / "vpd_pg80").read_bytes()
-    except OSError:
-        return None
-    if len(page) < 4:
-        return None
-    return page[4 : 4 + page[3]].decode("ascii", "replace").strip() or None
+def udev_database() -> dict[str, dict[str, str]]:
+    """Kernel name -> udev properties of every whole disk, from libudev (pyudev)."""
+    import pyudev
+
+    context = pyudev.Context()
+    return {
+        d.sys_name: dict(d.properties)
+        for d in context.list_devices(subsystem="block", DEVTYPE="disk")
+    }
 
 
-def _by_path(name: str, dev: Path, props: Mapping[str, str]) -> str | None:
-    if props.get("ID_PATH"):
-        return str(dev / "disk" / "by-path" / props["ID_PATH"])
-    directory = dev / "disk" / "by-path"
-    for link in _listdir(directory):
-        if os.path.basename(os.path.realpath(directory / link)) == name:
-            return str(directory / link)
-    return None
+@dataclass(frozen=True)
+class DiskSource:
+    """Where discovery reads, injected so that every rule runs the same on a fabricated tree.
+
+    ``sysfs`` and ``dev``: the trees (the real ``/sys`` and ``/dev``, or a test's).
+    ``udev``: a callable giving udev's properties per disk name (``udev_database`` on the
+    running system, a dict in a test, None where no udev exists); when it fails, the sysfs
+    files say the same. ``live``: the running system, whose mounts and swaps are read and whose
+    devices may be opened (exclusive-open busy check); a fabricated tree has neither.
+    """
+
+    sysfs: Path = REAL_SYSFS
+    dev: Path = REAL_DEV
+    udev: Callable[[], Mapping[str, Mapping[str, str]]] | None = None
+    live: bool = False
+
+    def properties(self) -> Mapping[str, Mapping[str, str]]:
+        if self.udev is None:
+            return {}
+        try:
+            return self.udev()
+        except Exception as exc:  # no libudev in this ramdisk: sysfs says the same
+            log.info("udev unavailable (%s); reading %s only", exc, self.sysfs)
+            return {}
+
+    def state(self) -> SystemState:
+        """Mounts and swaps that apply to this source's disks."""
+        return read_system_state() if self.live else SystemState()
+
+
+RUNNING = DiskSource(REAL_SYSFS, REAL_DEV, udev=udev_database, live=True)
 
 
 def never_reason(name: str, major: int, sysdir: Path) -> str | None:
@@ -358,8 +392,7 @@ def never_reason(name: str, major: int, sysdir: Path) -> str | None:
 
 def _read_disk(
     name: str,
-    sysfs: Path,
-    dev: Path,
+    source: DiskSource,
     props: Mapping[str, str],
     *,
     system: Mapping[str, str],
@@ -369,40 +402,38 @@ def _read_disk(
     """Attributes of one disk (udev properties first, sysfs otherwise) and its verdict.
 
     With ``explicit`` (the operator named the disk) the discovery rules about the kind of
-    device and the minimum size do not apply; the safety checks do.
+    device, removable media and the minimum size do not apply; the safety checks do.
     """
-    sysdir = sysfs / "block" / name
+    sysdir = source.sysfs / "block" / name
     devnum = (_attr(sysdir / "dev") or "0:0").split(":")
     major, minor = int(devnum[0]), int(devnum[1])
     device = sysdir / "device"
-    size = _int_attr(sysdir / "size") * 512  # sysfs counts 512-byte units whatever the sector
+    location = locate(name, source.sysfs)
+    ident = identity(name, sysdir, source.dev, props, location)
     partitions = _partitions(sysdir)
     disk = Disk(
         name=name,
-        path=props.get("DEVNAME") or str(dev / name.replace("!", "/")),
-        size=size,
+        path=props.get("DEVNAME") or str(source.dev / name.replace("!", "/")),
+        size=_int_attr(sysdir / "size") * 512,  # sysfs counts 512-byte units whatever the sector
         logical_sector_size=_int_attr(sysdir / "queue" / "logical_block_size", 512),
         physical_sector_size=_int_attr(sysdir / "queue" / "physical_block_size", 512),
         model=props.get("ID_MODEL") or _attr(device / "model"),
         vendor=props.get("ID_VENDOR") or _attr(device / "vendor"),
-        serial=props.get("ID_SERIAL_SHORT")
-        or _attr(sysdir / "serial")
-        or _attr(device / "serial")
-        or _serial_from_vpd(sysdir),
-        wwn=props.get("ID_WWN_WITH_EXTENSION")
-        or props.get("ID_WWN")
-        or _attr(sysdir / "wwid")
-        or _attr(device / "wwid"),
+        serial=ident.serial,
+        wwn=ident.wwn,
         rotational=_attr(sysdir / "queue" / "rotational") == "1",
         removable=_attr(sysdir / "removable") == "1",
         read_only=_attr(sysdir / "ro") == "1",
-        by_path=_by_path(name, dev, props),
+        by_path=ident.by_path,
         eligible=True,
         reason="",
         major=major,
         minor=minor,
         partitions=partitions,
         holders=_holders(sysdir, partitions),
+        wwid=ident.wwid,
+        transport=_transport(props, location),
+        by_path_aliases=ident.by_path_aliases,
     )
     reason = _verdict(disk, sysdir, system=system, uses=uses, explicit=explicit)
     return dataclasses.replace(
@@ -410,6 +441,12 @@ def _read_disk(
         eligible=reason is None,
         reason=reason or ("named explicitly" if explicit else "eligible"),
     )
+
+
+def _transport(props: Mapping[str, str], location: Location) -> str | None:
+    if props.get("ID_BUS") == "usb" or location.transport == "usb":
+        return "usb"
+    return location.transport
 
 
 def _verdict(
@@ -427,6 +464,10 @@ def _verdict(
         return "read-only"
     if disk.size == 0:
         return "zero size (no medium?)"
+    if not explicit and disk.removable:
+        return "removable medium (card reader, USB stick, virtual media; use --disk to force it)"
+    if not explicit and disk.transport == "usb":
+        return "USB-attached (stick, external disk or BMC virtual media; use --disk to force it)"
     if disk.name in system:
         return system[disk.name]
     if explicit:
@@ -440,41 +481,17 @@ def _verdict(
     return None
 
 
-def _enumerate(sysfs: Path) -> Iterator[tuple[str, Mapping[str, str]]]:
-    """(kernel name, udev properties) of every whole disk."""
-    if sysfs == REAL_SYSFS:
-        try:
-            import pyudev
-
-            context = pyudev.Context()
-            devices = [
-                (d.sys_name, dict(d.properties))
-                for d in context.list_devices(subsystem="block", DEVTYPE="disk")
-            ]
-        except Exception as exc:  # no libudev in this ramdisk: sysfs says the same
-            log.info("pyudev unavailable (%s); listing %s/block", exc, sysfs)
-        else:
-            yield from sorted(devices, key=lambda item: natural_key(item[0]))
-            return
-    for name in sorted(_listdir(sysfs / "block"), key=natural_key):
-        yield name, {}
-
-
-def discover(
-    sysfs: Path = REAL_SYSFS, dev: Path = REAL_DEV, *, state: SystemState | None = None
-) -> list[Disk]:
-    """Every whole disk, each with its eligibility and the reason, in natural name order.
-
-    ``state`` (mounts, swaps) defaults to the running system's when ``sysfs`` is the real one
-    and to "nothing mounted" for a fabricated tree.
-    """
+def discover(source: DiskSource = RUNNING, *, state: SystemState | None = None) -> list[Disk]:
+    """Every whole disk (``<sysfs>/block``), each with its eligibility and the reason, in
+    natural name order. ``state`` (mounts, swaps) defaults to the source's own."""
     if state is None:
-        state = read_system_state() if sysfs == REAL_SYSFS else SystemState()
-    system = system_disks(state, sysfs)
-    uses = usage_by_disk(state, sysfs)
+        state = source.state()
+    system = system_disks(state, source.sysfs)
+    uses = usage_by_disk(state, source.sysfs)
+    properties = source.properties()
     return [
-        _read_disk(name, sysfs, dev, props, system=system, uses=uses)
-        for name, props in _enumerate(sysfs)
+        _read_disk(name, source, properties.get(name, {}), system=system, uses=uses)
+        for name in sorted(_listdir(source.sysfs / "block"), key=natural_key)
     ]
 
 
@@ -499,7 +516,7 @@ _FALSE = {"0", "false", "no", "off"}
 def parse_hints(pairs: Iterable[str]) -> dict[str, str]:
     """``["KEY=VALUE", ...]`` -> dict, with keys and values checked.
 
-    Keys: name, serial, wwn, model, vendor, size (GiB, optionally with >=, <=, >, <, ==),
+    Keys: name, serial, wwn, wwid, model, vendor, size (GiB, optionally with >=, <=, >, <, ==),
     rotational (true/false), by_path. A key given twice is refused: which one would win is
     not obvious to the operator.
     """
@@ -554,8 +571,11 @@ def hint_matches(disk: Disk, key: str, value: str) -> bool:
         return disk.rotational == (value.lower() in _TRUE)
     if key == "wwn":
         return bool(disk.wwn) and _norm_wwn(value) == _norm_wwn(disk.wwn)
+    if key == "wwid":
+        return bool(disk.wwid) and _norm(value) == _norm(disk.wwid)
     if key == "by_path":
-        return bool(disk.by_path) and value in (disk.by_path, os.path.basename(disk.by_path or ""))
+        names = [p for p in (disk.by_path, *disk.by_path_aliases) if p]
+        return value in names or value in {os.path.basename(p) for p in names}
     have = {"serial": disk.serial, "model": disk.model, "vendor": disk.vendor}[key]
     return bool(have) and _norm(value) == _norm(have)
 
@@ -567,23 +587,23 @@ def format_hints(hints: Mapping[str, str]) -> str:
 # --- the choice ---------------------------------------------------------------------------------
 
 
-def choose(disks: list[Disk], hints: Mapping[str, str] | None = None) -> tuple[Disk, str]:
+def choose(
+    disks: list[Disk], hints: Mapping[str, str] | None = None, group: int | None = None
+) -> tuple[Disk, str]:
     """The target among discovered disks and why (pure: no I/O).
 
     With hints, the disk must match all of them and be eligible; several matches are ordered
-    like the default choice. Raises InstallError when nothing fits.
+    like the default choice. Else with ``group`` (``diskGroupId``), the first disk of that disk
+    group (see agent/diskgroups.py). Raises InstallError when nothing fits.
     """
-    eligible = [d for d in disks if d.eligible]
     if hints:
-        matching = [d for d in disks if all(hint_matches(d, k, v) for k, v in hints.items())]
-        usable = sorted((d for d in matching if d.eligible), key=choice_key)
-        if usable:
-            extra = f" (first of {len(usable)} by the default order)" if len(usable) > 1 else ""
-            return usable[0], f"matches the root device hints {format_hints(hints)}{extra}"
-        if matching:
-            first = matching[0]
-            raise InstallError(msg.disk_not_eligible(first.path, first.reason))
-        raise InstallError(msg.no_disk_matches_hints(format_hints(hints)))
+        if group is not None:
+            log.info("root device hints given: diskGroupId %s ignored", group)
+        return _by_hints(disks, hints)
+    if group is not None:
+        chosen = pick_group(disk_groups(disks), group)
+        return chosen.first, f"first disk of disk group {chosen.id} ({chosen.describe()})"
+    eligible = [d for d in disks if d.eligible]
     if not eligible:
         raise InstallError(msg.NO_ELIGIBLE_DISK)
     best = sorted(eligible, key=choice_key)[0]
@@ -597,15 +617,31 @@ def choose(disks: list[Disk], hints: Mapping[str, str] | None = None) -> tuple[D
     )
 
 
+def _by_hints(disks: list[Disk], hints: Mapping[str, str]) -> tuple[Disk, str]:
+    matching = [d for d in disks if all(hint_matches(d, k, v) for k, v in hints.items())]
+    usable = sorted((d for d in matching if d.eligible), key=choice_key)
+    if usable:
+        extra = f" (first of {len(usable)} by the default order)" if len(usable) > 1 else ""
+        return usable[0], f"matches the root device hints {format_hints(hints)}{extra}"
+    if matching:
+        first = matching[0]
+        raise InstallError(msg.disk_not_eligible(first.path, first.reason))
+    raise InstallError(msg.no_disk_matches_hints(format_hints(hints)))
+
+
+def disk_groups(disks: list[Disk]) -> list[DiskGroup]:
+    """The eligible disks' groups, numbered so that group 1 holds the default choice."""
+    eligible = [d for d in disks if d.eligible]
+    default = sorted(eligible, key=choice_key)[0] if eligible else None
+    return number_groups(disks, default, natural_key)
+
+
 def explicit_disk(
-    device: str,
-    sysfs: Path = REAL_SYSFS,
-    dev: Path = REAL_DEV,
-    *,
-    state: SystemState | None = None,
+    device: str, source: DiskSource = RUNNING, *, state: SystemState | None = None
 ) -> Disk:
     """The disk the operator named, read like a discovered one, safety checks applied."""
-    path = device if device.startswith("/") else str(dev / device)
+    sysfs = source.sysfs
+    path = device if device.startswith("/") else str(source.dev / device)
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
@@ -623,11 +659,10 @@ def explicit_disk(
             msg.disk_not_eligible(device, f"is a partition; name the whole disk ({parent})")
         )
     if state is None:
-        state = read_system_state() if sysfs == REAL_SYSFS else SystemState()
+        state = source.state()
     disk = _read_disk(
         name,
-        sysfs,
-        dev,
+        source,
         {"DEVNAME": real},
         system=system_disks(state, sysfs),
         uses={},
@@ -642,22 +677,23 @@ def select_target(
     explicit: str | None,
     hints: Mapping[str, str],
     *,
-    sysfs: Path = REAL_SYSFS,
-    dev: Path = REAL_DEV,
+    group: int | None = None,
+    source: DiskSource = RUNNING,
     state: SystemState | None = None,
 ) -> Disk:
-    """The disk to install on: ``explicit`` (``--disk``) if given, else discovery + hints.
+    """The disk to install on: ``explicit`` (``--disk``) if given, else discovery + hints, else
+    discovery + disk group ``group`` (``diskGroupId``), else the default choice.
 
     An explicit disk skips the discovery rules (a loop device is fine) but not the safety
     checks: read-only, zero size, the running system, busy.
     """
     if explicit:
-        if hints:
-            log.info("--disk %s given: root device hints %s ignored", explicit, dict(hints))
-        disk = explicit_disk(explicit, sysfs, dev, state=state)
-        check_not_busy(disk, sysfs=sysfs, state=state)
+        if hints or group is not None:
+            log.info("--disk %s given: hints %s, diskGroupId %s ignored", explicit, hints, group)
+        disk = explicit_disk(explicit, source, state=state)
+        check_not_busy(disk, source=source, state=state)
         return disk
-    disk, why = choose(discover(sysfs, dev, state=state), hints)
+    disk, why = choose(discover(source, state=state), hints, group)
     log.info("target disk %s: %s", disk.path, why)
     return dataclasses.replace(disk, reason=why)
 
@@ -665,25 +701,31 @@ def select_target(
 def disks_report(
     hints: Mapping[str, str] | None = None,
     *,
-    sysfs: Path = REAL_SYSFS,
-    dev: Path = REAL_DEV,
+    group: int | None = None,
+    source: DiskSource = RUNNING,
     state: SystemState | None = None,
 ) -> dict[str, Any]:
-    """SPEC's ``disks --json`` / ``GET /disks`` document: every disk, the choice and why."""
-    disks = discover(sysfs, dev, state=state)
+    """SPEC's ``disks --json`` / ``GET /disks`` document: every disk (with its ``diskGroupId``),
+    the disk groups, the choice and why."""
+    disks = discover(source, state=state)
+    groups = disk_groups(disks)
+    member = {d.name: g.id for g in groups for d in g.disks}
     chosen: str | None
     try:
-        disk, reason = choose(disks, hints)
+        disk, reason = choose(disks, hints, group)
         chosen = disk.path
     except InstallError as exc:
         chosen, reason = None, exc.message
     report: dict[str, Any] = {
-        "disks": [d.to_json() for d in disks],
+        "disks": [{**d.to_json(), "diskGroupId": member.get(d.name)} for d in disks],
+        "diskGroups": [g.to_json() for g in groups],
         "chosen": chosen,
         "reason": reason,
     }
     if hints:
         report["hints"] = dict(hints)
+    if group is not None:
+        report["diskGroupId"] = group
     return report
 
 
@@ -726,11 +768,12 @@ def exclusive_holder(path: str) -> str | None:
 
 
 def busy_reasons(
-    disk: Disk, *, sysfs: Path = REAL_SYSFS, state: SystemState | None = None
+    disk: Disk, *, source: DiskSource = RUNNING, state: SystemState | None = None
 ) -> list[str]:
     """Everything that uses ``disk`` now: mounts, swaps, holders, an exclusive opener."""
     if state is None:
-        state = read_system_state() if sysfs == REAL_SYSFS else SystemState()
+        state = source.state()
+    sysfs = source.sysfs
     sysdir = sysfs / "block" / disk.name
     reasons = list(usage_by_disk(state, sysfs).get(disk.name, []))
     partitions = _partitions(sysdir)
@@ -739,13 +782,13 @@ def busy_reasons(
         reasons.append(f"held by {', '.join(holders)} (LVM, RAID or dm)")
     # The exclusive open catches what the lists above do not know (another process, a holder
     # without sysfs trace); when they already explain the disk, it adds nothing.
-    if not reasons and sysfs == REAL_SYSFS and (why := exclusive_holder(disk.path)):
+    if not reasons and source.live and (why := exclusive_holder(disk.path)):
         reasons.append(why)
     return reasons
 
 
 def check_not_busy(
-    disk: Disk, *, sysfs: Path = REAL_SYSFS, state: SystemState | None = None
+    disk: Disk, *, source: DiskSource = RUNNING, state: SystemState | None = None
 ) -> None:
     """Refuse a disk that anything uses, before the first byte is written.
 
@@ -753,6 +796,6 @@ def check_not_busy(
     on the disk or its partitions, active swap, holders (LVM, md, dm) of the disk or its
     partitions, and an exclusive open by another process (``O_EXCL`` gives EBUSY).
     """
-    reasons = busy_reasons(disk, sysfs=sysfs, state=state)
+    reasons = busy_reasons(disk, source=source, state=state)
     if reasons:
         raise InstallError(msg.disk_busy(disk.path, "; ".join(reasons)))

@@ -147,6 +147,12 @@ def no_disk_matches_hints(hints: str) -> str:
     return f"No disk matches the root device hints: {hints}."
 
 
+def unknown_disk_group(group_id: int, known: str) -> str:
+    return (
+        f"Disk group {group_id} does not exist on this server (diskGroupId); disk groups: {known}."
+    )
+
+
 def sector_size_mismatch(image_sector: int, device: str, disk_sector: int) -> str:
     return (
         f"image provided has a partition table for {image_sector}-byte sectors, "

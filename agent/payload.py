@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class InstallRequest:
     metadata: dict[str, str] = field(default_factory=dict)
     efi_bootloader_path: str | None = None
     warnings: tuple[str, ...] = ()
+    disk_group_id: int | None = None  # OVHcloud's diskGroupId: which disk group (1..n) to use
 
     @property
     def redacted_url(self) -> str:
@@ -77,7 +79,43 @@ def parse_request(body: Any) -> InstallRequest:
                 "or a reinstall body (operatingSystem, customizations)"
             )
         )
-    return _build(fields, hostname, warnings)
+    request = _build(fields, hostname, warnings)
+    group = _disk_group_id(body)
+    return dataclasses.replace(request, disk_group_id=group) if group is not None else request
+
+
+def _group_value(value: Any, where: str) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InstallError(msg.bad_request(f"{where} must be a whole number from 1"))
+    return value
+
+
+def _disk_group_id(body: dict) -> int | None:
+    """``details.diskGroupId`` (install/start) or ``storage[].diskGroupId`` (reinstall).
+
+    BYOI writes one disk, so the storage entries must not name two different groups. Absent,
+    None: the default choice, which is disk group 1 (agent/diskgroups.py numbers it so).
+    """
+    details = body.get("details")
+    if isinstance(details, dict) and details.get("diskGroupId") is not None:
+        return _group_value(details["diskGroupId"], "details.diskGroupId")
+    storage = body.get("storage")
+    entries = storage if isinstance(storage, list) else [storage] if storage else []
+    ids = {
+        _group_value(entry["diskGroupId"], "storage[].diskGroupId")
+        for entry in entries
+        if isinstance(entry, dict) and entry.get("diskGroupId") is not None
+    }
+    if len(ids) > 1:
+        raise InstallError(
+            msg.bad_request(
+                "storage names several disk groups "
+                f"({', '.join(map(str, sorted(ids)))}); the image goes on one disk"
+            )
+        )
+    return ids.pop() if ids else None
 
 
 def _check_template(name: Any, warnings: list[str]) -> None:

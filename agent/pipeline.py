@@ -253,7 +253,7 @@ def _install(
 
     with contextlib.ExitStack() as stack:
         with step("disk"):
-            target = disks.select_target(options.disk, options.hints)
+            target = disks.select_target(options.disk, options.hints, group=request.disk_group_id)
             disks.check_not_busy(target)
             pinned = claim.pin(target.path, target.major, target.minor, target.size)
             stack.enter_context(claim.locked(target.path))

@@ -47,7 +47,11 @@ KERNEL = OUT / "vmlinuz"
 MANIFEST = OUT / "manifest.json"
 
 SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
+# The Debian mirror debootstrap fetches from: --mirror, else $BYOI_DEBIAN_MIRROR, else the build
+# machine's own apt sources (an operator behind their own mirror builds from it), else this.
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+MIRROR_ENV = "BYOI_DEBIAN_MIRROR"
+APT_ETC = Path("/etc/apt")
 # What the agent runs (agent/tools.py callers) and what init.sh needs; minbase brings
 # util-linux (blkid, wipefs, partx, mount), e2fsprogs and coreutils.
 PACKAGES = [
@@ -74,7 +78,22 @@ MODULES = [
     "igb",
     "ixgbe",
     "ahci",
+    "ata_piix",
     "nvme",
+    "sr_mod",  # virtual CD of a BMC, ATAPI drives
+    "cdrom",
+    "usbcore",
+    "xhci_pci",
+    "ehci_pci",
+    "usb_storage",  # USB sticks and BMC virtual media
+    "uas",
+    "mpt3sas",  # LSI/Broadcom SAS HBAs (and QEMU's mptsas1068 through mptsas)
+    "mptsas",
+    "megaraid_sas",  # LSI MegaRAID (and QEMU's megasas)
+    "sym53c8xx",  # QEMU's lsi53c895a
+    "aacraid",
+    "hpsa",
+    "smartpqi",
     "efivarfs",
     "af_packet",
 ]
@@ -170,19 +189,81 @@ def tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# --- the Debian mirror -------------------------------------------------------------------------
+
+
+def parse_sources(text: str, deb822: bool) -> list[tuple[str, list[str], list[str]]]:
+    """``(uri, suites, components)`` of each enabled ``deb`` entry of one apt sources file.
+
+    One-line format (``sources.list``, ``*.list``): ``deb [options] URI SUITE COMPONENT...``.
+    deb822 (``*.sources``): stanzas of ``Types:``, ``URIs:``, ``Suites:``, ``Components:``,
+    ``Enabled:``, separated by blank lines, ``#`` comments anywhere.
+    """
+    entries = []
+    if not deb822:
+        for line in text.splitlines():
+            words = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb":
+                entries.append((words[1], [words[2]], words[3:]))
+        return entries
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        key = None
+        for line in stanza.splitlines():
+            if line.lstrip().startswith("#") or not line.strip():
+                continue
+            if line[0].isspace() and key:  # a continuation line
+                fields[key] += " " + line.strip()
+                continue
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            fields[key] = value.strip()
+        if "deb" not in fields.get("types", "").split():
+            continue
+        if fields.get("enabled", "yes").lower() in ("no", "false", "0"):
+            continue
+        suites, components = fields.get("suites", "").split(), fields.get("components", "").split()
+        entries += [(uri, suites, components) for uri in fields.get("uris", "").split()]
+    return entries
+
+
+def mirror_from_apt(suite: str = SUITE, etc: Path = APT_ETC) -> str | None:
+    """The first http(s)/file mirror of the build machine's apt sources serving ``suite main``."""
+    files = [(etc / "sources.list", False)]
+    files += [(p, False) for p in sorted((etc / "sources.list.d").glob("*.list"))]
+    files += [(p, True) for p in sorted((etc / "sources.list.d").glob("*.sources"))]
+    for path, deb822 in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for uri, suites, components in parse_sources(text, deb822):
+            if suite in suites and "main" in components and re.match(r"(https?|file):", uri):
+                return uri.rstrip("/")
+    return None
+
+
+def choose_mirror(option: str | None, suite: str = SUITE, etc: Path = APT_ETC) -> str:
+    """--mirror, else $BYOI_DEBIAN_MIRROR, else the apt sources' mirror, else deb.debian.org."""
+    return option or os.environ.get(MIRROR_ENV) or mirror_from_apt(suite, etc) or DEFAULT_MIRROR
+
+
 # --- the base system ---------------------------------------------------------------------------
 
 
-def debootstrap() -> None:
-    """debootstrap minbase + PACKAGES into out/root, unless the tree matches the package list."""
+def debootstrap(mirror: str = DEFAULT_MIRROR) -> None:
+    """debootstrap minbase + PACKAGES into out/root, unless the tree matches the package list.
+
+    The mirror is not part of the stamp: it changes where the packages come from, not which.
+    """
     stamp = ROOT / ".byoi-stamp"
-    want = digest(SUITE, MIRROR, *PACKAGES)
+    want = digest(SUITE, *PACKAGES)
     if stamp.exists() and stamp.read_text() == want:
         log(f"debootstrap: cached ({ROOT})")
         return
     if ROOT.exists():
         shutil.rmtree(ROOT)
-    log(f"debootstrap --variant=minbase {SUITE} (a few minutes)")
+    log(f"debootstrap --variant=minbase {SUITE} from {mirror} (a few minutes)")
     t0 = time.monotonic()
     run(
         "debootstrap",
@@ -190,7 +271,7 @@ def debootstrap() -> None:
         f"--include={','.join(PACKAGES)}",
         SUITE,
         ROOT,
-        MIRROR,
+        mirror,
         timeout=3600,
     )
     stamp.write_text(want)
@@ -402,16 +483,16 @@ def du_top(root: Path, depth: int = 3, count: int = 14) -> list[tuple[int, str]]
     return sorted(((size, name) for name, size in sizes.items()), reverse=True)[:count]
 
 
-def build(force: bool = False, level: int = 19) -> dict:
+def build(force: bool = False, level: int = 19, mirror: str | None = None) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build_locked(force, level)
+        return _build_locked(force, level, choose_mirror(mirror))
 
 
-def _build_locked(force: bool, level: int) -> dict:
+def _build_locked(force: bool, level: int, mirror: str) -> dict:
     t0 = time.monotonic()
-    debootstrap()
+    debootstrap(mirror)
     kdir = unpack_kernel(kernel_deb())
     python_deps()
     modules = kernel_modules(kdir)
@@ -468,12 +549,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="repack even if up to date")
     parser.add_argument("--level", type=int, default=19, help="zstd level (default 19)")
+    parser.add_argument(
+        "--mirror",
+        help=f"Debian mirror URL (default: ${MIRROR_ENV}, else this machine's apt sources)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("rescue/build.py: run as root (debootstrap)", file=sys.stderr)
         return 2
     with contextlib.suppress(BrokenPipeError):
-        print(report(build(force=args.force, level=args.level)))
+        print(report(build(force=args.force, level=args.level, mirror=args.mirror)))
     return 0
 
 

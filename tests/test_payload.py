@@ -174,3 +174,43 @@ def test_secrets_never_in_messages() -> None:
     # anything echoing the secrets back is scrubbed
     assert "Zm9vOmJhcg==" not in scrub("server said: bad creds Zm9vOmJhcg==")
     assert "s3cr3tpw" not in scrub("curl: user:s3cr3tpw failed")
+
+
+def reinstall(**extra: object) -> dict:
+    custom = {"imageURL": "https://example.test/img.raw", "imageType": "raw"}
+    return {"operatingSystem": "byoi_64", "customizations": custom, **extra}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (base(), None),
+        ({**base(), "details": {"diskGroupId": 2}}, 2),
+        ({**base(), "details": {"diskGroupId": "3", "customHostname": "h"}}, 3),
+        (reinstall(), None),
+        (reinstall(storage=[{"diskGroupId": 2, "partitioning": {"layout": []}}]), 2),
+        (reinstall(storage=[{"diskGroupId": 1}, {"diskGroupId": 1}]), 1),
+        (reinstall(storage=[{"partitioning": {}}]), None),  # OVHcloud's default: group 1
+        (reinstall(storage={"diskGroupId": 4}), 4),
+    ],
+)
+def test_disk_group_id_in_both_shapes(body: dict, expected: int | None) -> None:
+    req = parse_request(body)
+    assert req.disk_group_id == expected
+    assert not any("diskGroupId" in w for w in req.warnings)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({**base(), "details": {"diskGroupId": 0}}, "details.diskGroupId must be a whole number"),
+        ({**base(), "details": {"diskGroupId": "two"}}, "details.diskGroupId must be"),
+        ({**base(), "details": {"diskGroupId": True}}, "details.diskGroupId must be"),
+        ({**base(), "details": {"diskGroupId": 1.5}}, "details.diskGroupId must be"),
+        (reinstall(storage=[{"diskGroupId": -1}]), "storage[].diskGroupId must be"),
+        (reinstall(storage=[{"diskGroupId": 1}, {"diskGroupId": 2}]), "several disk groups (1, 2)"),
+    ],
+)
+def test_disk_group_id_refusals(body: dict, reason: str) -> None:
+    message = refused(body)
+    assert message.startswith("Bad request: ") and reason in message

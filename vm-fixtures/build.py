@@ -39,10 +39,35 @@ MANIFEST = OUT / "manifest.json"
 STAMP = OUT / "stamp"
 
 PACKAGES = ["grub-efi-amd64-bin", "grub-pc-bin", "grub-common", "busybox-static"]
-RESCUE_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "9pnet_virtio", "9p", "efivarfs"]
+RESCUE_MODULES = [
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "9pnet_virtio",
+    "9p",
+    "efivarfs",
+    # the disks of real servers (tests/vm/test_vm_hardware.py boots them all in one VM)
+    "nvme",
+    "ahci",
+    "sd_mod",
+    "sr_mod",
+    "cdrom",
+    "virtio_scsi",
+    "xhci_pci",
+    "usbcore",
+    "usb_storage",
+    "uas",
+    "sym53c8xx",  # QEMU's lsi53c895a
+    "megaraid_sas",  # QEMU's megasas
+    "mptsas",  # QEMU's mptsas1068
+    "mpt3sas",
+]
 TINY_MODULES = [
     "virtio_pci",
     "virtio_blk",
+    "nvme",  # the installed disk also boots from NVMe and SATA (tests/vm/test_vm_hardware.py)
+    "ahci",
+    "sd_mod",
     "isofs",
     "vfat",
     "nls_cp437",

@@ -15,7 +15,8 @@ for m in $(cat /etc/modules-order); do insmod "/lib/modules/$m" 2>/dev/null; don
 echo "BYOI-TINY-BOOTED"
 if [ -d /sys/firmware/efi ]; then echo "BYOI-BOOTMODE=uefi"; else echo "BYOI-BOOTMODE=bios"; fi
 echo "BYOI-CMDLINE=$(cat /proc/cmdline)"
-for q in /sys/block/vd*/queue/logical_block_size; do
+for q in /sys/block/vd*/queue/logical_block_size /sys/block/nvme*/queue/logical_block_size \
+    /sys/block/sd*/queue/logical_block_size; do
     [ -e "$q" ] && echo "BYOI-SECTOR-SIZE=$(cat "$q")"
 done
 

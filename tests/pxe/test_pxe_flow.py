@@ -128,6 +128,11 @@ def test_rescue_holds_the_tools_and_runs_the_agent(rescue_tree: Path) -> None:
         "etc/byoi/udhcpc.sh", "opt/byoi/announce.py", "opt/byoi/agent/__main__.py",
         "opt/byoi/site/httpx", "opt/byoi/site/uvicorn", "lib/modules/byoi/virtio_net.ko",
         "lib/modules/byoi/virtio_blk.ko", "lib/modules/byoi/efivarfs.ko",
+        # the disks of real servers: NVMe, SATA, SCSI/SAS, USB sticks and virtual CDs
+        "lib/modules/byoi/nvme.ko", "lib/modules/byoi/ahci.ko", "lib/modules/byoi/sd_mod.ko",
+        "lib/modules/byoi/virtio_scsi.ko", "lib/modules/byoi/mpt3sas.ko",
+        "lib/modules/byoi/megaraid_sas.ko", "lib/modules/byoi/usb-storage.ko",
+        "lib/modules/byoi/uas.ko", "lib/modules/byoi/xhci-pci.ko", "lib/modules/byoi/sr_mod.ko",
     ):  # fmt: skip
         assert (rescue_tree / rel).exists(), rel
     order = (rescue_tree / "lib/modules/byoi/order").read_text().split()

@@ -32,13 +32,60 @@ class VMError(AssertionError):
 
 @dataclass
 class Drive:
-    """One virtio-blk disk. ``sector`` sets both logical and physical block sizes."""
+    """One disk. ``sector`` sets both logical and physical block sizes (virtio, nvme, scsi).
+
+    ``bus``: ``virtio`` (virtio-blk), ``nvme``, ``sata`` (q35's AHCI at 00:1f.2, one port per
+    disk in order), ``scsi`` (one virtio-scsi controller, SCSI id 1, 2, ...), ``usb``
+    (usb-storage on one qemu-xhci, port 1, 2, ...), ``cdrom`` (ATAPI on the next AHCI port).
+    Controllers sit at fixed PCI slots (``PCI_SLOTS``) so by-path names are known in advance.
+    """
 
     path: Path
     fmt: str = "raw"
     sector: int = 512
     bootindex: int | None = 0
     readonly: bool = False
+    bus: str = "virtio"
+    serial: str | None = None
+    wwn: int | None = None  # sata, scsi: the world wide name the disk reports
+
+
+PCI_SLOTS = {"nvme": 0x10, "scsi": 0x11, "usb": 0x12}  # nvme: 0x10, 0x13, 0x14, ...
+
+
+def _drive_device(d: Drive, i: int, used: dict[str, int]) -> list[str]:
+    """The controller (first use) and device arguments of one drive."""
+    n = used.get(d.bus, 0)
+    used[d.bus] = n + 1
+    args: list[str] = []
+    geometry = f",logical_block_size={d.sector},physical_block_size={d.sector}"
+    serial = f",serial={d.serial}" if d.serial else ""
+    if d.wwn is not None and d.bus in ("sata", "scsi"):
+        serial += f",wwn={d.wwn:#x}"
+    if d.bus == "virtio":
+        dev = f"virtio-blk-pci,drive=disk{i},id=vblk{i}" + (geometry if d.sector != 512 else "")
+    elif d.bus == "nvme":
+        slot = PCI_SLOTS["nvme"] if n == 0 else 0x12 + n
+        dev = f"nvme,drive=disk{i},id=nvme{i},addr={slot:#x},serial={d.serial or f'NVME{i:04d}'}"
+        dev += geometry if d.sector != 512 else ""
+    elif d.bus in ("sata", "cdrom"):
+        port = used.get("sata", 0) + used.get("cdrom", 0) - 1
+        kind = "ide-hd" if d.bus == "sata" else "ide-cd"
+        dev = f"{kind},drive=disk{i},id=ata{i},bus=ide.{port}{serial}"
+    elif d.bus == "scsi":
+        if n == 0:
+            args += ["-device", f"virtio-scsi-pci,id=scsi0,addr={PCI_SLOTS['scsi']:#x}"]
+        dev = f"scsi-hd,drive=disk{i},id=scsi{i},bus=scsi0.0,scsi-id={n + 1},lun=0{serial}"
+        dev += geometry if d.sector != 512 else ""
+    elif d.bus == "usb":
+        if n == 0:
+            args += ["-device", f"qemu-xhci,id=xhci,addr={PCI_SLOTS['usb']:#x}"]
+        dev = f"usb-storage,drive=disk{i},id=usb{i},bus=xhci.0,port={n + 1}{serial}"
+    else:
+        raise ValueError(f"unknown drive bus {d.bus!r}")
+    if d.bootindex is not None:
+        dev += f",bootindex={d.bootindex}"
+    return [*args, "-device", dev]
 
 
 @dataclass
@@ -84,16 +131,14 @@ def build_command(cfg: VMConfig, qmp_socket: Path, serial_log: Path) -> list[str
         args += ["-kernel", str(cfg.kernel), "-append", cfg.append]
         if cfg.initrd:
             args += ["-initrd", str(cfg.initrd)]
+    used: dict[str, int] = {}
     for i, d in enumerate(cfg.drives):
         opts = f"file={d.path},format={d.fmt},if=none,id=disk{i},cache=writeback"
-        if d.readonly:
+        if d.readonly or d.bus == "cdrom":
             opts += ",readonly=on"
-        dev = f"virtio-blk-pci,drive=disk{i},id=vblk{i}"
-        if d.sector != 512:
-            dev += f",logical_block_size={d.sector},physical_block_size={d.sector}"
-        if d.bootindex is not None:
-            dev += f",bootindex={d.bootindex}"
-        args += ["-drive", opts, "-device", dev]
+        if d.bus == "cdrom":
+            opts += ",media=cdrom"
+        args += ["-drive", opts, *_drive_device(d, i, used)]
     for tag, (path, ro) in cfg.shares.items():
         spec = f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"
         if ro:
