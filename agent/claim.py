@@ -30,6 +30,7 @@ from pathlib import Path
 from agent import blockdev
 from agent import messages as msg
 from agent.messages import InstallError
+from agent.sysfs import read_attr
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,6 @@ class Identity:
     backing: str | None = None  # a loop device's backing file (its only identity)
 
 
-def _attr(path: Path) -> str | None:
-    try:
-        return path.read_text(errors="replace").strip() or None
-    except OSError:
-        return None
-
-
 def identity_of_fd(fd: int, sysfs: Path = SYSFS) -> Identity:
     """The identity of the block device open on ``fd`` (sysfs through its dev number)."""
     st = os.fstat(fd)
@@ -65,7 +59,7 @@ def identity_of_fd(fd: int, sysfs: Path = SYSFS) -> Identity:
     size = struct.unpack("Q", fcntl.ioctl(fd, blockdev.BLKGETSIZE64, bytes(8)))[0]
     sysdir = (sysfs / "dev" / "block" / f"{devno[0]}:{devno[1]}").resolve()
     device = sysdir / "device"
-    backing = _attr(sysdir / "loop" / "backing_file")
+    backing = read_attr(sysdir / "loop" / "backing_file")
     if backing:
         with contextlib.suppress(OSError):
             bst = os.stat(backing.removesuffix(" (deleted)"))
@@ -74,9 +68,9 @@ def identity_of_fd(fd: int, sysfs: Path = SYSFS) -> Identity:
         devno=devno,
         size=size,
         name=sysdir.name,
-        serial=_attr(sysdir / "serial") or _attr(device / "serial"),
-        wwid=_attr(sysdir / "wwid") or _attr(device / "wwid"),
-        model=_attr(device / "model"),
+        serial=read_attr(sysdir / "serial") or read_attr(device / "serial"),
+        wwid=read_attr(sysdir / "wwid") or read_attr(device / "wwid"),
+        model=read_attr(device / "model"),
         backing=backing,
     )
 

@@ -57,10 +57,10 @@ from agent.messages import InstallError
 from agent.sysfs import listdir as _listdir
 from agent.sysfs import read_attr as _attr
 from agent.sysfs import read_int as _int_attr
+from agent.units import GiB
 
 log = logging.getLogger(__name__)
 
-GiB = 1024**3
 MIN_AUTO_SIZE = 4 * GiB
 REAL_SYSFS = Path("/sys")
 REAL_DEV = Path("/dev")

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.tools import opt_value
+from agent.units import MiB
 
 log = logging.getLogger(__name__)
 
 EXPORT_NAME = "image"
-MiB = 1024 * 1024
 
 # --- protocol constants (https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md)
 NBDMAGIC = 0x4E42444D41474943
