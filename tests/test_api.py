@@ -189,7 +189,10 @@ def runner() -> Iterator[GatedRunner]:
 @pytest.fixture
 def api(runner: GatedRunner) -> Iterator[tuple[str, Any]]:
     app = create_app(
-        settings(), runner, options=object(), disks_report=lambda: {"disks": [], "chosen": None}
+        settings(),
+        runner,
+        options=object(),
+        disks_report=lambda: {"disks": [], "chosen": None, "diskGroups": []},
     )
     with running(app, settings()) as url:
         try:
@@ -378,7 +381,7 @@ def test_disks_uses_the_report(api: tuple[str, Any]) -> None:
     url, _ = api
     r = checked.get(f"{url}/disks", headers=AUTH)
     assert r.status_code == 200
-    assert r.json() == {"disks": [], "chosen": None}
+    assert r.json() == {"disks": [], "chosen": None, "diskGroups": []}
 
 
 def test_disks_real_discovery() -> None:
@@ -746,7 +749,10 @@ def test_openapi_fuzz_every_answer_conforms() -> None:
     quick = GatedRunner()
     quick.gate.set()
     app = create_app(
-        settings(), quick, options=object(), disks_report=lambda: {"disks": [], "chosen": None}
+        settings(),
+        quick,
+        options=object(),
+        disks_report=lambda: {"disks": [], "chosen": None, "diskGroups": []},
     )
     with running(app, settings()) as url:
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
