@@ -53,6 +53,8 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 GUEST_HOST = "10.0.2.2"  # the host, seen from QEMU's user-mode network
 AGENT_PORT = 8080
 DISK_SIZE = 6 * 1024**3  # sparse; the agent ignores disks under 4 GiB
+DECOY_SIZE = 5 * 1024**3  # smaller: the default choice would take it
+TARGET_SERIAL = "BYOI-TARGET"
 RESCUE_MEMORY_MB = 4608  # the agent keeps 3 GiB free besides the image, plus the rescue's root
 HOSTNAME = "pxe-demo"
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIByoiPxeDemoKeyOnlyForTheFlow byoi@pxe-demo"
@@ -312,10 +314,33 @@ def efi_vars_have_entry(vars_file: Path, label: str) -> bool:
     return label.encode("utf-16-le") + b"\0\0" in vars_file.read_bytes()
 
 
-def run_flow(firmware: str, workdir: Path, stages: Stages, timeout: float = 900) -> dict[str, Any]:
+# --select: how the kernel command line names the target. The rescue VM then carries a second,
+# smaller disk that the default choice would take (the smallest eligible one): the install
+# must land on the named disk and leave the decoy untouched.
+SELECTIONS = {
+    "disk": "byoi.disk=/dev/vda",
+    "hint": f"byoi.hint=serial={TARGET_SERIAL}",
+}
+
+
+def decoy_untouched(decoy: Path) -> bool:
+    """The sparse decoy disk still holds no data at all."""
+    fd = os.open(decoy, os.O_RDONLY)
+    try:
+        os.lseek(fd, 0, os.SEEK_DATA)
+    except OSError:  # ENXIO: only a hole
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def run_flow(
+    firmware: str, workdir: Path, stages: Stages, timeout: float = 900, select: str | None = None
+) -> dict[str, Any]:
     """The whole flow; returns the summary (raises FlowError with the reason on failure)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"firmware": firmware, "stages": stages.times}
+    summary: dict[str, Any] = {"firmware": firmware, "stages": stages.times, "select": select}
     with stages.stage("build rescue and sample images"):
         rescue = _load("rescue_build", REPO / "rescue" / "build.py").build()
         fixtures = _load("vm_fixtures_build", REPO / "vm-fixtures" / "build.py").build()
@@ -339,6 +364,16 @@ def run_flow(firmware: str, workdir: Path, stages: Stages, timeout: float = 900)
     disk.unlink(missing_ok=True)
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)
+    decoy = workdir / "decoy.raw"
+    decoy.unlink(missing_ok=True)
+    decoy_args: list[str] = []
+    if select:
+        with open(decoy, "wb") as f:
+            f.truncate(DECOY_SIZE)
+        decoy_args = [
+            "-drive", f"file={decoy},format=raw,if=none,id=disk1,cache=writeback",
+            "-device", "virtio-blk-pci,drive=disk1,serial=BYOI-DECOY",
+        ]  # fmt: skip
     vars_file = workdir / "OVMF_VARS.fd"
     if firmware == "uefi":
         shutil.copyfile(OVMF_VARS, vars_file)
@@ -349,6 +384,8 @@ def run_flow(firmware: str, workdir: Path, stages: Stages, timeout: float = 900)
             f"console=ttyS0 quiet panic=-1 byoi.listen=0.0.0.0:{AGENT_PORT} "
             f"byoi.token_url={server.url('token')} byoi.callback={server.url('cb')}"
         )
+        if select:
+            cmdline += " " + SELECTIONS[select]
         (www / "boot.ipxe").write_text(ipxe_script(server, cmdline))
         # What QEMU's DHCP names: a tiny script that leaves slow TFTP for HTTP at once.
         (tftp / "boot.ipxe").write_text(f"#!ipxe\nchain {server.url('boot.ipxe')}\n")
@@ -363,7 +400,8 @@ def run_flow(firmware: str, workdir: Path, stages: Stages, timeout: float = 900)
                 "-m", str(RESCUE_MEMORY_MB),
                 *firmware_args(firmware, vars_file),
                 "-drive", f"file={disk},format=raw,if=none,id=disk0,cache=writeback",
-                "-device", "virtio-blk-pci,drive=disk0",
+                "-device", f"virtio-blk-pci,drive=disk0,serial={TARGET_SERIAL}",
+                *decoy_args,
                 "-netdev", netdev,
                 "-device", "virtio-net-pci,netdev=n0,bootindex=0",
             ],
@@ -387,6 +425,10 @@ def run_flow(firmware: str, workdir: Path, stages: Stages, timeout: float = 900)
         finally:
             rescue_vm.stop()
         summary["callbacks_rejected"] = server.rejected
+        if select:
+            summary["decoy_untouched"] = decoy_untouched(decoy)
+            if not summary["decoy_untouched"]:
+                raise FlowError("the install wrote to the decoy disk")
         summary["served"] = sorted(set(server.served))
 
     with stages.stage("boot the installed disk"):
@@ -526,11 +568,17 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=REPO / "rescue" / "out" / "demo")
     parser.add_argument("--timeout", type=float, default=900, help="per stage, seconds")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--select",
+        choices=sorted(SELECTIONS),
+        help="name the target on the kernel command line (byoi.disk= or byoi.hint=) beside "
+        "a smaller decoy disk the default choice would take",
+    )
     args = parser.parse_args()
     stages = Stages()
     workdir = args.workdir / args.firmware
     try:
-        summary = run_flow(args.firmware, workdir, stages, args.timeout)
+        summary = run_flow(args.firmware, workdir, stages, args.timeout, args.select)
     except (FlowError, httpx.HTTPError) as exc:
         stages.say(f"FAILED: {exc}")
         print(f"logs in {workdir}", file=sys.stderr)

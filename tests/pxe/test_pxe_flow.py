@@ -37,11 +37,11 @@ def _load(name: str, path: Path):
 orchestrator = _load("pxe_orchestrator", ORCHESTRATOR)
 
 
-def _run_flow(firmware: str, workdir: Path) -> dict:
+def _run_flow(firmware: str, workdir: Path, select: str) -> dict:
     proc = subprocess.run(
         [
             sys.executable, str(ORCHESTRATOR), "--firmware", firmware,
-            "--workdir", str(workdir), "--timeout", "600", "--json",
+            "--workdir", str(workdir), "--timeout", "600", "--json", "--select", select,
         ],
         capture_output=True,
         text=True,
@@ -58,14 +58,18 @@ def _run_flow(firmware: str, workdir: Path) -> dict:
 @pytest.mark.vm
 @pytest.mark.root
 @pytest.mark.timeout(FLOW_TIMEOUT + 60)
-@pytest.mark.parametrize("firmware", ["bios", "uefi"])
-def test_pxe_flow(firmware: str, tmp_path: Path) -> None:
-    summary = _run_flow(firmware, tmp_path)
+@pytest.mark.parametrize(("firmware", "select"), [("bios", "hint"), ("uefi", "disk")])
+def test_pxe_flow(firmware: str, select: str, tmp_path: Path) -> None:
+    """The whole production flow; the target named on the kernel command line (a serial hint
+    under SeaBIOS, the device under OVMF) beside a smaller decoy disk that the default choice
+    would take: the image lands on the named disk, the decoy holds no byte afterwards."""
+    summary = _run_flow(firmware, tmp_path, select)
     assert summary["firmware"] == firmware
     assert summary["announce"]["bootMode"] == firmware
     assert summary["announce"]["port"] == orchestrator.AGENT_PORT
     assert summary["announce"]["address"].startswith("10.0.2.")
-    assert summary["announced_disks"] == ["/dev/vda"]
+    assert summary["announced_disks"] == ["/dev/vda", "/dev/vdb"]
+    assert summary["decoy_untouched"] is True
     install = summary["install"]
     assert install["disk"] == "/dev/vda"
     assert install["final_callback"] == "done"
