@@ -86,10 +86,11 @@ def free_port() -> int:
 
 
 class BootServer:
-    """Static files from ``root`` plus the token (GET /token) and callbacks (POST /cb)."""
+    """Static files from ``root``, the API and callback tokens (GET /token, /callback-token)
+    and callbacks (POST /cb, which must carry the callback token)."""
 
-    def __init__(self, root: Path, token: str) -> None:
-        self.root, self.token = root, token
+    def __init__(self, root: Path, token: str, callback_token: str) -> None:
+        self.root, self.token, self.callback_token = root, token, callback_token
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.rejected = 0
         self.served: list[str] = []  # paths of successful GETs: proof of what the VM fetched
@@ -119,8 +120,9 @@ class BootServer:
             pass
 
         def do_GET(self) -> None:  # noqa: N802 - stdlib name
-            if self.path == "/token":
-                body = (self.boot.token + "\n").encode()
+            tokens = {"/token": self.boot.token, "/callback-token": self.boot.callback_token}
+            if self.path in tokens:
+                body = (tokens[self.path] + "\n").encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -137,7 +139,8 @@ class BootServer:
             if self.path != "/cb":
                 self.send_error(404)
                 return
-            if self.headers.get("Authorization", "") != f"Bearer {self.boot.token}":
+            # callbacks carry their own credential, never the API token
+            if self.headers.get("Authorization", "") != f"Bearer {self.boot.callback_token}":
                 self.boot.rejected += 1
                 self.send_error(401)
                 return
@@ -379,10 +382,11 @@ def run_flow(
         shutil.copyfile(OVMF_VARS, vars_file)
     host_port = free_port()
 
-    with BootServer(www, token) as server:
+    with BootServer(www, token, secrets.token_hex(32)) as server:
         cmdline = (
             f"console=ttyS0 quiet panic=-1 byoi.listen=0.0.0.0:{AGENT_PORT} "
-            f"byoi.token_url={server.url('token')} byoi.callback={server.url('cb')}"
+            f"byoi.token_url={server.url('token')} byoi.callback={server.url('cb')} "
+            f"byoi.callback_token_url={server.url('callback-token')}"
         )
         if select:
             cmdline += " " + SELECTIONS[select]

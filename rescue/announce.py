@@ -3,8 +3,9 @@
 Run by the rescue's /init next to ``byoi-agent serve --callback-url``. It waits until the local
 API answers /health (so an orchestrator that reacts at once finds the agent listening), then
 POSTs ``{"event": "announce", "address", "port", "bootMode", "disks": disks_report()}`` to the
-callback URL with the API token as bearer (the same header the agent's status callbacks carry),
-retrying with backoff while the orchestrator is away.
+callback URL with the callbacks' own bearer token (``--token-file``: the same credential as the
+agent's status callbacks, never the API token; none without it), retrying with backoff while
+the orchestrator is away.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def announcement(address: str, port: int, hints: dict[str, str]) -> dict[str, An
     }
 
 
-def post(url: str, token: str, body: dict[str, Any], window: float) -> None:
+def post(url: str, token: str | None, body: dict[str, Any], window: float) -> None:
     """POST until a 2xx answer, for at most ``window`` seconds."""
-    headers = {"Authorization": f"Bearer {token}", "User-Agent": "byoi-agent"}
+    headers = {"User-Agent": "byoi-agent"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     for attempt in Retrying(
         retry=retry_if_exception_type(httpx.HTTPError),
         wait=wait_random_exponential(multiplier=0.5, max=15),
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--callback", required=True)
     parser.add_argument("--listen", required=True)
-    parser.add_argument("--token-file", required=True, type=Path)
+    parser.add_argument("--token-file", type=Path, help="the callbacks' bearer token")
     parser.add_argument("--address-file", type=Path)
     parser.add_argument("--hint", action="append", default=[])
     parser.add_argument("--window", type=float, default=600)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     address = ""
     if args.address_file and args.address_file.exists():
         address = args.address_file.read_text().strip()
-    token = args.token_file.read_text().strip()
+    token = args.token_file.read_text().strip() if args.token_file else None
     if not wait_healthy(port, 180):
         log.error("the agent did not answer /health on port %d", port)
         return 1

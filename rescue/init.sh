@@ -7,6 +7,8 @@
 #   byoi.token=TOKEN            API bearer token, or
 #   byoi.token_url=URL          where to fetch it (HTTP GET; keeps it off /proc/cmdline)
 #   byoi.callback=URL           orchestrator callback: announce + status events
+#   byoi.callback_token=TOKEN   the callbacks' own bearer token (never the API token), or
+#   byoi.callback_token_url=URL where to fetch it
 #   byoi.disk=/dev/X            explicit target disk
 #   byoi.hint=KEY=VALUE         root device hint, repeatable
 #
@@ -46,6 +48,8 @@ LISTEN=0.0.0.0:8080
 TOKEN=""
 TOKEN_URL=""
 CALLBACK=""
+CALLBACK_TOKEN=""
+CALLBACK_TOKEN_URL=""
 DISK=""
 HINTS=""
 set -f # words are split (command line, hints) but never globbed from here on
@@ -55,6 +59,8 @@ for arg in $(cat /proc/cmdline); do
         byoi.token=*) TOKEN="${arg#byoi.token=}" ;;
         byoi.token_url=*) TOKEN_URL="${arg#byoi.token_url=}" ;;
         byoi.callback=*) CALLBACK="${arg#byoi.callback=}" ;;
+        byoi.callback_token=*) CALLBACK_TOKEN="${arg#byoi.callback_token=}" ;;
+        byoi.callback_token_url=*) CALLBACK_TOKEN_URL="${arg#byoi.callback_token_url=}" ;;
         byoi.disk=*) DISK="${arg#byoi.disk=}" ;;
         byoi.hint=*) HINTS="$HINTS --hint ${arg#byoi.hint=}" ;;
     esac
@@ -84,31 +90,41 @@ done
 
 mkdir -p /run/byoi
 umask 077
-if [ -n "$TOKEN_URL" ]; then
-    i=0
-    until busybox wget -q -O /run/byoi/token "$TOKEN_URL"; do
-        i=$((i + 1))
-        if [ $i -ge 30 ]; then
-            echo "BYOI-RESCUE-ERROR cannot fetch the token"
-            break
-        fi
-        sleep 2
-    done
-elif [ -n "$TOKEN" ]; then
-    printf '%s\n' "$TOKEN" >/run/byoi/token
-fi
+# fetch_token URL VALUE FILE: the token from URL (retried) or VALUE, into FILE
+fetch_token() {
+    if [ -n "$1" ]; then
+        i=0
+        until busybox wget -q -O "$3" "$1"; do
+            i=$((i + 1))
+            if [ $i -ge 30 ]; then
+                echo "BYOI-RESCUE-ERROR cannot fetch $3"
+                break
+            fi
+            sleep 2
+        done
+    elif [ -n "$2" ]; then
+        printf '%s\n' "$2" >"$3"
+    fi
+}
+fetch_token "$TOKEN_URL" "$TOKEN" /run/byoi/token
+fetch_token "$CALLBACK_TOKEN_URL" "$CALLBACK_TOKEN" /run/byoi/callback-token
 umask 022
 [ -s /run/byoi/token ] || echo "BYOI-RESCUE-ERROR no API token (byoi.token or byoi.token_url)"
 
 set -- serve --listen "$LISTEN" --token-file /run/byoi/token
 [ -n "$CALLBACK" ] && set -- "$@" --callback-url "$CALLBACK"
+CALLBACK_AUTH=""
+if [ -n "$CALLBACK" ] && [ -s /run/byoi/callback-token ]; then
+    set -- "$@" --callback-token-file /run/byoi/callback-token
+    CALLBACK_AUTH="--token-file /run/byoi/callback-token"
+fi
 [ -n "$DISK" ] && set -- "$@" --disk "$DISK"
 # shellcheck disable=SC2086 # one word per hint
 set -- "$@" $HINTS
 
 if [ -n "$CALLBACK" ]; then
     PYTHONPATH=/opt/byoi:/opt/byoi/site python3 /opt/byoi/announce.py \
-        --callback "$CALLBACK" --listen "$LISTEN" --token-file /run/byoi/token \
+        --callback "$CALLBACK" --listen "$LISTEN" $CALLBACK_AUTH \
         --address-file /run/byoi-address $HINTS &
 fi
 

@@ -50,6 +50,16 @@ def built(tmp_path_factory) -> Path:
     return image
 
 
+@pytest.fixture(autouse=True)
+def no_mount_left(tmp_path):
+    """A killed agent cannot unmount its tmpfs: whatever the test leaves mounted goes."""
+    yield
+    for line in Path("/proc/mounts").read_text().splitlines():
+        where = line.split()[1]
+        if where.startswith(str(tmp_path)):
+            subprocess.run(["umount", "-l", where], capture_output=True)
+
+
 @pytest.fixture
 def big_image(built, http_dir) -> str:
     www, base = http_dir
@@ -125,8 +135,11 @@ def test_kill_9_leaves_no_partition_table(tmp_path, big_image, make_loop, point,
 
     body = tmp_path / "again.json"
     body.write_text(json.dumps(payload(url, "raw")))
-    again = run_cli("install", "--payload", str(body), "--disk", dev, "--workdir", str(tmp_path))
+    # the same work area: the next install also frees the killed agent's tmpfs
+    work = tmp_path / "work"
+    again = run_cli("install", "--payload", str(body), "--disk", dev, "--workdir", str(work))
     assert again.returncode == 0, again.stderr
     assert pttype(dev) == "gpt"
     verify = subprocess.run(["sgdisk", "-v", dev], capture_output=True, text=True)
     assert "No problems found" in verify.stdout
+    assert str(work) not in Path("/proc/mounts").read_text(), "the dead agent's tmpfs stayed"

@@ -160,7 +160,7 @@ def test_rescue_holds_the_tools_and_runs_the_agent(rescue_tree: Path) -> None:
 
 
 def test_ipxe_script_loads_kernel_and_named_initrd() -> None:
-    server = orchestrator.BootServer(REPO, "t" * 32)
+    server = orchestrator.BootServer(REPO, "t" * 32, "c" * 32)
     try:
         script = orchestrator.ipxe_script(server, "console=ttyS0 byoi.listen=0.0.0.0:8080")
     finally:
