@@ -14,7 +14,8 @@ with ``qemu-img compare`` bypassing the page cache (``--verify``): ``full`` comp
 its zero ranges; ``none`` skips the read-back.
 
 ``checkpoint(name)`` marks the points where a test may freeze the agent to kill it
-(``BYOI_TEST_FREEZE_AT=name``): the crash-safety tests use it; it does nothing otherwise.
+(``BYOI_TEST_FREEZE_AT=name``, or ``convert:PERCENT`` to stop qemu-img half-way through the
+body): the crash-safety tests use it; it does nothing otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +55,16 @@ def checkpoint(name: str) -> None:
         sys.stderr.flush()
         while True:
             time.sleep(3600)
+
+
+def _midway(proc: subprocess.Popen[bytes], tool: str, done: int, length: int) -> None:
+    """``BYOI_TEST_FREEZE_AT=convert:50``: once the copy passes 50 %, stop qemu-img where it
+    is (SIGSTOP) and freeze, so that a crash test kills the agent in the middle of a write."""
+    wanted = os.environ.get("BYOI_TEST_FREEZE_AT", "")
+    if not wanted.startswith(f"{tool}:") or done * 100 < int(wanted.split(":")[1]) * length:
+        return
+    os.kill(proc.pid, signal.SIGSTOP)
+    checkpoint(wanted)
 
 
 def _source(image: Path, fmt: str, window: Region) -> str:
@@ -95,6 +108,8 @@ def follow(args: list[str], length: int, on_progress: Progress | None, timeout: 
             found = _PROGRESS.findall(buffer)
             if found and on_progress:
                 on_progress(int(float(found[-1]) / 100 * length), length)
+            if found:
+                _midway(proc, args[1], int(float(found[-1]) / 100 * length), length)
             if time.monotonic() > deadline:
                 raise ToolError(f"{args[1]} timed out after {timeout:.0f} s")
         stderr = proc.stderr.read().decode(errors="replace")
