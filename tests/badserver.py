@@ -169,3 +169,139 @@ def serve(
     headers.update(extra_headers or {})
     send_head(sock, status, headers)
     sock.sendall(body if cut_at is None else body[:cut_at])
+
+
+# --- a well-behaved origin with keep-alive, outages and cuts (the fleet and reuse tests) --------
+
+
+@dataclass
+class Hit:
+    """One request the origin received."""
+
+    at: float  # time.monotonic()
+    path: str
+    range: str | None
+    via: str | None
+    connection: int  # which TCP connection carried it (reuse shows as repeated numbers)
+    status: int = 0
+
+
+@dataclass
+class Origin:
+    """An HTTP/1.1 origin with keep-alive, cacheable answers (ETag, Last-Modified, max-age) and
+    Range support, that counts every body byte it sends. ``outage(seconds)`` makes it answer
+    503 + Retry-After (with a small body) for that long; ``cut_after`` closes the first transfer
+    that crosses that many body bytes and starts an outage of ``cut_outage`` seconds."""
+
+    payload: bytes
+    rate: float | None = None  # bytes per second per transfer
+    retry_after: int = 2
+    cut_after: int | None = None
+    cut_outage: float = 0.0
+    hits: list[Hit] = field(default_factory=list)
+    sent: int = 0
+    connections: int = 0
+    _down_until: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> Origin:
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with outer._lock:
+                    outer.connections += 1
+                    self.number = outer.connections
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                outer._get(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def url(self, path: str = "/img") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def outage(self, seconds: float) -> None:
+        import time
+
+        with self._lock:
+            self._down_until = time.monotonic() + seconds
+
+    @property
+    def down_until(self) -> float:
+        return self._down_until
+
+    def _get(self, h) -> None:  # type: ignore[no-untyped-def]
+        import time
+
+        hit = Hit(time.monotonic(), h.path, h.headers.get("Range"), h.headers.get("Via"), h.number)
+        with self._lock:
+            self.hits.append(hit)
+            down = hit.at < self._down_until
+        if down:
+            hit.status = 503
+            body = b"the origin is down for maintenance\n" * 4
+            h.send_response(503)
+            h.send_header("Retry-After", str(self.retry_after))
+            h.send_header("Content-Length", str(len(body)))
+            h.send_header("Cache-Control", "no-store")
+            h.end_headers()
+            h.wfile.write(body)
+            return
+        data, start = self.payload, 0
+        m = _RANGE.match(h.headers.get("Range") or "")
+        if m and h.headers.get("If-Range") in (None, '"fleet-1"') and int(m[1]) < len(data):
+            start = int(m[1])
+        hit.status = 206 if start else 200
+        h.send_response(hit.status)
+        h.send_header("ETag", '"fleet-1"')
+        h.send_header("Last-Modified", "Wed, 21 Oct 2015 07:28:00 GMT")
+        h.send_header("Cache-Control", "public, max-age=3600")
+        h.send_header("Accept-Ranges", "bytes")
+        if start:
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        h.send_header("Content-Length", str(len(data) - start))
+        h.end_headers()
+        self._send_body(h, memoryview(data)[start:])
+
+    def _send_body(self, h, body: memoryview) -> None:  # type: ignore[no-untyped-def]
+        import time
+
+        piece = 64 * 1024
+        t0 = time.monotonic()
+        for i in range(0, len(body), piece):
+            chunk = body[i : i + piece]
+            with self._lock:
+                cut = self.cut_after is not None and self.sent + len(chunk) > self.cut_after
+                if cut:
+                    chunk = chunk[: max(self.cut_after - self.sent, 0)]
+                    self.cut_after = None
+                    self._down_until = time.monotonic() + self.cut_outage
+                self.sent += len(chunk)
+            h.wfile.write(chunk)
+            if cut:
+                h.wfile.flush()
+                h.close_connection = True
+                with contextlib.suppress(OSError):
+                    h.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if self.rate:
+                ahead = (i + len(chunk)) / self.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)

@@ -13,22 +13,16 @@ from pathlib import Path
 import pytest
 
 from agent import messages as msg
-from agent.download import (
-    DownloadSettings,
-    backoff_delay,
-    download,
-    parse_content_range,
-    parse_retry_after,
-)
+from agent.download import DownloadSettings, download
 from agent.messages import InstallError
-from tests.badserver import BadServer, send_head, serve
+from tests.badserver import BadServer, Origin, send_head, serve
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 12345)
 FAST = DownloadSettings(
     connect_timeout=2,
     stall_timeout=0.5,
     total_timeout=20,
-    max_attempts=3,
+    outage_tolerance=1.5,
     backoff_initial=0.01,
     backoff_max=0.05,
     retry_after_cap=2,
@@ -198,7 +192,8 @@ def test_chunked_body_cut_is_not_complete(server: BadServer, out: Path) -> None:
     with pytest.raises(InstallError) as exc:
         fetch(url, out)
     assert_failed(exc, url, out)
-    assert server.count("/img") == FAST.max_attempts
+    assert server.count("/img") >= 3  # retried until the outage tolerance ran out
+    assert "outage tolerance" in exc.value.detail
 
 
 # --- lies about the length ----------------------------------------------------------------------
@@ -254,7 +249,7 @@ def test_stall_forever_fails(server: BadServer, out: Path) -> None:
         fetch(url, out)
     assert_failed(exc, url, out)
     assert "Timeout" in exc.value.detail
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 8
 
 
 def test_total_time_limit(server: BadServer, out: Path) -> None:
@@ -286,7 +281,7 @@ def test_503_honours_retry_after(server: BadServer, out: Path) -> None:
 
     t0 = time.monotonic()
     assert_ok(fetch(server.url("/img"), out), out)
-    assert time.monotonic() - t0 >= 0.95  # FAST's own backoff is at most 0.05 s
+    assert time.monotonic() - t0 >= 1.0  # Retry-After is a minimum; the jitter comes on top
 
 
 def test_retry_after_is_capped(server: BadServer, out: Path) -> None:
@@ -308,11 +303,13 @@ def test_429_retried_then_gives_up(server: BadServer, out: Path) -> None:
         sock, "429 Too Many Requests", {"Content-Length": 0}
     )
     url = server.url("/img")
+    t0 = time.monotonic()
     with pytest.raises(InstallError) as exc:
         fetch(url, out)
     assert_failed(exc, url, out)
-    assert server.count("/img") == FAST.max_attempts
-    assert "429" in exc.value.detail
+    assert time.monotonic() - t0 >= FAST.outage_tolerance - FAST.backoff_max  # time, not count
+    assert server.count("/img") >= 3
+    assert "429" in exc.value.detail and "outage tolerance" in exc.value.detail
 
 
 @pytest.mark.parametrize("status", ["404 Not Found", "403 Forbidden", "410 Gone"])
@@ -435,7 +432,8 @@ def test_authorization_dropped_on_foreign_redirect(server: BadServer, out: Path)
     assert (same.header("authorization"), same.header("x-auth-token")) == (BASIC, "tok-12345")
     assert foreign.header("authorization") is None
     assert foreign.header("x-auth-token") is None
-    assert foreign.header("x-plain") == "kept"
+    assert foreign.header("x-plain") is None  # every header the request brought is dropped
+    assert same.header("x-plain") == "kept"
 
 
 # --- memory budget ------------------------------------------------------------------------------
@@ -495,34 +493,6 @@ def test_budget_exact_and_one_byte_short(server: BadServer, out: Path) -> None:
     with pytest.raises(InstallError) as exc:
         fetch(server.url("/img"), out, memory_budget=len(PAYLOAD) - 1)
     assert exc.value.message == msg.too_big_for_memory("qcow2")
-
-
-# --- pure decisions -----------------------------------------------------------------------------
-
-
-def test_parse_retry_after() -> None:
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after("Thu, 01 Jan 1970 00:01:40 GMT", now=40.0) == 60.0
-
-
-def test_parse_content_range() -> None:
-    assert parse_content_range("bytes 10-19/20") == (10, 19, 20)
-    assert parse_content_range("bytes 10-19/*") == (10, 19, None)
-    assert parse_content_range("bytes 10-20/20") is None
-    assert parse_content_range("bytes 19-10/20") is None
-    assert parse_content_range("items 1-2/3") is None
-
-
-def test_backoff_is_full_jitter_and_capped() -> None:
-    import random
-
-    rng = random.Random(1)
-    values = [backoff_delay(n, 1.0, 8.0, rng) for n in range(1, 200)]
-    assert all(0 <= v <= 8.0 for v in values)
-    assert max(values[10:]) > 4.0  # grows to the cap
-    assert all(v <= 1.0 for v in (backoff_delay(1, 1.0, 8.0, rng) for _ in range(50)))
 
 
 # --- proxies ------------------------------------------------------------------------------------
