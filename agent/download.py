@@ -39,7 +39,7 @@ from agent import httpx_shim, resume
 from agent import messages as msg
 from agent.image_sink import Overrun, ProgressCallback, Sink, TooBig, WriteFailed
 from agent.messages import InstallError
-from agent.redact import is_sensitive_header, redact_url, register_secret, scrub
+from agent.redact import is_sensitive_header, redact_url, register_secret, scrub, url_secrets
 from agent.retry_policy import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -168,12 +168,12 @@ def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
 
     httpx would turn the userinfo into Basic auth anyway, but it also logs the URL verbatim.
     """
+    for secret in url_secrets(url):  # also the signature of a pre-signed URL's query
+        register_secret(secret)
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url, None
     password = unquote(parts.password or "")
-    for secret in (password, parts.password, unquote(parts.username or ""), parts.username):
-        register_secret(secret)
     hostport = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=hostport)), (unquote(parts.username or ""), password)
 
