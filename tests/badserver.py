@@ -13,6 +13,7 @@ import re
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -189,19 +190,18 @@ class Hit:
 @dataclass
 class Origin:
     """An HTTP/1.1 origin with keep-alive, cacheable answers (ETag, Last-Modified, max-age) and
-    Range support, that counts every body byte it sends. ``outage(seconds)`` makes it answer
-    503 + Retry-After (with a small body) for that long; ``cut_after`` closes the first transfer
-    that crosses that many body bytes and starts an outage of ``cut_outage`` seconds."""
+    Range support, that counts every body byte it sends (per path). ``outage(seconds, after)``
+    plans an outage: from then on every transfer in flight is cut, and every request is answered
+    503 + Retry-After (with a small body, on a connection kept alive) until it ends."""
 
     payload: bytes
     rate: float | None = None  # bytes per second per transfer
     retry_after: int = 2
-    cut_after: int | None = None
-    cut_outage: float = 0.0
     hits: list[Hit] = field(default_factory=list)
-    sent: int = 0
+    sent: dict[str, int] = field(default_factory=dict)
     connections: int = 0
-    _down_until: float = 0.0
+    down_from: float = float("inf")
+    down_until: float = float("-inf")
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> Origin:
@@ -237,24 +237,24 @@ class Origin:
     def url(self, path: str = "/img") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def outage(self, seconds: float) -> None:
-        import time
-
+    def outage(self, seconds: float, after: float = 0.0) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._down_until = time.monotonic() + seconds
+            self.down_from, self.down_until = now + after, now + after + seconds
 
-    @property
-    def down_until(self) -> float:
-        return self._down_until
+    def is_down(self, at: float | None = None) -> bool:
+        at = time.monotonic() if at is None else at
+        return self.down_from <= at < self.down_until
+
+    def egress(self, prefix: str = "/") -> int:
+        with self._lock:
+            return sum(n for path, n in self.sent.items() if path.startswith(prefix))
 
     def _get(self, h) -> None:  # type: ignore[no-untyped-def]
-        import time
-
         hit = Hit(time.monotonic(), h.path, h.headers.get("Range"), h.headers.get("Via"), h.number)
         with self._lock:
             self.hits.append(hit)
-            down = hit.at < self._down_until
-        if down:
+        if self.is_down(hit.at):
             hit.status = 503
             body = b"the origin is down for maintenance\n" * 4
             h.send_response(503)
@@ -281,26 +281,18 @@ class Origin:
         self._send_body(h, memoryview(data)[start:])
 
     def _send_body(self, h, body: memoryview) -> None:  # type: ignore[no-untyped-def]
-        import time
-
         piece = 64 * 1024
         t0 = time.monotonic()
         for i in range(0, len(body), piece):
-            chunk = body[i : i + piece]
-            with self._lock:
-                cut = self.cut_after is not None and self.sent + len(chunk) > self.cut_after
-                if cut:
-                    chunk = chunk[: max(self.cut_after - self.sent, 0)]
-                    self.cut_after = None
-                    self._down_until = time.monotonic() + self.cut_outage
-                self.sent += len(chunk)
-            h.wfile.write(chunk)
-            if cut:
-                h.wfile.flush()
+            if self.is_down():  # the outage cuts every transfer in flight
                 h.close_connection = True
                 with contextlib.suppress(OSError):
                     h.connection.shutdown(socket.SHUT_RDWR)
                 return
+            chunk = body[i : i + piece]
+            h.wfile.write(chunk)
+            with self._lock:
+                self.sent[h.path] = self.sent.get(h.path, 0) + len(chunk)
             if self.rate:
                 ahead = (i + len(chunk)) / self.rate - (time.monotonic() - t0)
                 if ahead > 0:
