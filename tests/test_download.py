@@ -515,3 +515,112 @@ def test_no_proxy_bypasses_proxy(
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert_ok(fetch(server.url("/img"), out), out)
+
+
+# --- outages, connection reuse, proxies ----------------------------------------------------------
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    srv = Origin(PAYLOAD, retry_after=0).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_error_bodies_are_read_so_the_connection_is_reused(origin: Origin, out: Path) -> None:
+    origin.outage(0.3)
+    assert_ok(fetch(origin.url(), out), out)
+    statuses = [h.status for h in origin.hits]
+    assert statuses.count(503) >= 2 and statuses[-1] == 200
+    assert {h.connection for h in origin.hits} == {1}  # one connection for every attempt
+
+
+def test_outage_is_bounded_by_time_not_by_a_count(origin: Origin, out: Path) -> None:
+    origin.outage(2.5)
+    settings = DownloadSettings(backoff_initial=0.05, backoff_max=0.2, outage_tolerance=1.0)
+    with pytest.raises(InstallError) as exc:
+        fetch(origin.url(), out, settings=settings)
+    assert "outage tolerance" in exc.value.detail and "503" in exc.value.detail
+    out.parent.mkdir(exist_ok=True)
+    origin.outage(2.5)
+    settings = DownloadSettings(backoff_initial=0.05, backoff_max=0.2, outage_tolerance=10)
+    assert_ok(fetch(origin.url(), out, settings=settings), out)
+    assert sum(h.status == 503 for h in origin.hits) >= 10  # far more than the old 8 answers
+
+
+def test_on_progress_exception_propagates_and_the_file_is_removed(
+    server: BadServer, out: Path
+) -> None:
+    class Cancelled(Exception):
+        pass
+
+    cancel = Cancelled("operator cancelled")
+    calls: list[int] = []
+
+    def on_progress(done: int, total: int | None) -> None:
+        calls.append(done)
+        if done > len(PAYLOAD) // 3:
+            raise cancel
+
+    server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req)
+    settings = DownloadSettings(progress_interval=0.0)
+    with pytest.raises(Cancelled) as exc:
+        fetch(server.url("/img"), out, on_progress=on_progress, settings=settings)
+    assert exc.value is cancel
+    assert not out.exists()
+    assert server.count("/img") == 1  # not retried
+    assert len(calls) > 3  # called often, not only at the start and the end
+
+
+def test_max_rate_caps_the_bandwidth(server: BadServer, out: Path) -> None:
+    server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req)
+    rate = 2 * 1024 * 1024
+    t0 = time.monotonic()
+    assert_ok(fetch(server.url("/img"), out, settings=DownloadSettings(max_rate=rate)), out)
+    elapsed = time.monotonic() - t0
+    print(f"\n{len(PAYLOAD)} bytes at --max-rate {rate}: {len(PAYLOAD) / elapsed / 1e6:.2f} MB/s")
+    # a bucket of one second: the first second's worth comes at once, the rest at the rate
+    assert elapsed >= (len(PAYLOAD) - rate) / rate * 0.95
+
+
+def test_zero_blocks_become_holes_and_are_hashed(server: BadServer, out: Path) -> None:
+    data = os.urandom(4096) + bytes(8 * 1024 * 1024) + os.urandom(5000) + bytes(300_000)
+    server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req, data=data)
+    assert_ok(fetch(server.url("/img"), out), out, data=data)
+    allocated = out.stat().st_blocks * 512
+    print(f"\n{len(data)} bytes of mostly zeros: {allocated} bytes allocated")
+    assert allocated < len(data) // 2
+
+
+def _proxy_route(cache_headers: dict[str, str | int]):  # type: ignore[no-untyped-def]
+    def route(s, sock, req, n):  # type: ignore[no-untyped-def]
+        half = len(PAYLOAD) // 2
+        serve(s, sock, req, cut_at=half if n == 1 else None, extra_headers=cache_headers)
+
+    return route
+
+
+@pytest.mark.parametrize(
+    ("cache_headers", "resumed"),
+    [
+        ({"X-Cache": "MISS from squid", "Via": "1.1 squid"}, False),
+        ({"X-Cache": "HIT from squid", "Age": 12}, True),
+        ({"Cache-Status": "nginx; hit"}, True),
+    ],
+)
+def test_drop_through_a_proxy_resumes_only_from_its_cache(
+    server: BadServer, out: Path, monkeypatch: pytest.MonkeyPatch, cache_headers, resumed
+) -> None:
+    """A proxy that was fetching from the origin keeps no partial copy (squid): a plain GET that
+    it can cache and share beats a Range that it forwards uncached, once per agent."""
+    url = "http://image.example.invalid/img"
+    server.routes[url] = _proxy_route(cache_headers)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url(""))
+    monkeypatch.setenv("http_proxy", server.url(""))
+    assert_ok(fetch(url, out), out)
+    second = server.requests[1].header("range")
+    assert (second == f"bytes={len(PAYLOAD) // 2}-") if resumed else (second is None)
