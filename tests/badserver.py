@@ -202,6 +202,7 @@ class Origin:
     connections: int = 0
     down_from: float = float("inf")
     down_until: float = float("-inf")
+    _cut: tuple[int, float] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> Origin:
@@ -237,9 +238,14 @@ class Origin:
     def url(self, path: str = "/img") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def outage(self, seconds: float, after: float = 0.0) -> None:
+    def outage(self, seconds: float, after: float = 0.0, at_byte: int | None = None) -> None:
+        """An outage of ``seconds``, starting ``after`` seconds from now or, with ``at_byte``,
+        when the origin has sent that many body bytes in all (mid-transfer, deterministic)."""
         now = time.monotonic()
         with self._lock:
+            if at_byte is not None:
+                self._cut = (at_byte, seconds)
+                return
             self.down_from, self.down_until = now + after, now + after + seconds
 
     def is_down(self, at: float | None = None) -> bool:
@@ -284,15 +290,21 @@ class Origin:
         piece = 64 * 1024
         t0 = time.monotonic()
         for i in range(0, len(body), piece):
-            if self.is_down():  # the outage cuts every transfer in flight
+            chunk = body[i : i + piece]
+            with self._lock:
+                if self._cut and sum(self.sent.values()) + len(chunk) > self._cut[0]:
+                    now = time.monotonic()
+                    self.down_from, self.down_until = now, now + self._cut[1]
+                    self._cut = None
+                down = self.is_down()
+                if not down:
+                    self.sent[h.path] = self.sent.get(h.path, 0) + len(chunk)
+            if down:  # the outage cuts every transfer in flight
                 h.close_connection = True
                 with contextlib.suppress(OSError):
                     h.connection.shutdown(socket.SHUT_RDWR)
                 return
-            chunk = body[i : i + piece]
             h.wfile.write(chunk)
-            with self._lock:
-                self.sent[h.path] = self.sent.get(h.path, 0) + len(chunk)
             if self.rate:
                 ahead = (i + len(chunk)) / self.rate - (time.monotonic() - t0)
                 if ahead > 0:
