@@ -337,14 +337,19 @@ class _Transfer:
             self._restart()
         with client.stream("GET", self.url, headers=headers) as response:
             self._answer(response, start)
-            for chunk in response.iter_raw():
+            length = resume.content_length(response.headers)
+            raw = None
+            if length is not None and "transfer-encoding" not in response.headers:
+                raw = httpx_shim.raw_body(response, length, self.s.stall_timeout)
+            for chunk in raw if raw is not None else response.iter_raw():
                 self.sink.take(chunk)
                 if self.policy.timed_out():
                     raise _Final(f"the download took longer than {self.s.total_timeout:.0f} s")
             total = self.sink.total
             if total is not None and self.sink.done != total:
                 raise _Transient(f"body ended at byte {self.sink.done} of {total}")
-            if total is not None and httpx_shim.has_excess(response):
+            excess = raw.excess if raw is not None else httpx_shim.has_excess(response)
+            if total is not None and excess:
                 raise _Final(f"the server sent more than its Content-Length of {total}")
         self.sink.progress(force=True)
 

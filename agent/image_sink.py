@@ -74,7 +74,7 @@ class Sink:
         self.total = total
         self.progress(force=True)
 
-    def take(self, chunk: bytes) -> None:
+    def take(self, chunk: bytes | memoryview) -> None:
         end = self.done + len(chunk)
         if self.total is not None and end > self.total:
             raise Overrun(f"the server sent more than its announced {self.total} bytes")
@@ -92,7 +92,7 @@ class Sink:
             self._limit.take(len(chunk))
         self.progress()
 
-    def _write(self, chunk: bytes) -> None:
+    def _write(self, chunk: bytes | memoryview) -> None:
         # memcmp against a zero buffer: stops at the first non-zero byte of real data
         if chunk and _ZEROS.startswith(chunk):
             self.done += len(chunk)
@@ -182,7 +182,9 @@ class _Hasher:
         try:
             while True:
                 with self._cond:
-                    while self._written <= self._hashed and not self._closing:
+                    # wait for a whole block (or the end): a hasher woken for every network
+                    # chunk hashes 256 KiB pieces and fights the receiving thread for the GIL
+                    while self._written - self._hashed < len(view) and not self._closing:
                         self._cond.wait()
                     if self._written <= self._hashed:
                         return
@@ -206,7 +208,8 @@ class _Hasher:
     def advance(self, written: int) -> None:
         with self._cond:
             self._written = written
-            self._cond.notify()
+            if written - self._hashed >= len(self._block):
+                self._cond.notify()
 
     def reset(self) -> None:
         with self._cond:
