@@ -14,6 +14,9 @@ Why the transfer looks like this:
   through a caching proxy that did not serve the file from its cache, a drop starts over with a
   plain GET instead, which the proxy can store and share with the rest of the fleet.
 - A short body is never accepted as complete, and neither is a body longer than announced.
+- A body with a Content-Length is read straight from the socket into one reused buffer
+  (agent/httpx_shim.py): through h11 it cost a 2 GB download 50 % more CPU than curl's, and on a
+  small machine the receiving thread's CPU is the download's speed.
 - Error bodies are read (up to ``error_body_limit``) so the connection is reused, to the proxy
   as to the origin, instead of being torn down on every 503.
 - Secrets never reach a log line or a message: the URL's password is taken out of the URL and
