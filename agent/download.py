@@ -63,6 +63,7 @@ class DownloadSettings:
     stall_timeout: float = 60.0  # no byte at all for this long: the attempt fails (retried)
     total_timeout: float = 4 * 3600.0  # the whole download, retries and waits included
     outage_tolerance: float = 600.0  # time without a byte of progress before giving up
+    max_attempts: int | None = None  # also give up after this many failures in a row (tests)
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     retry_after_cap: float = 120.0
@@ -234,6 +235,7 @@ class _Transfer:
             backoff_initial=settings.backoff_initial,
             backoff_max=settings.backoff_max,
             retry_after_cap=settings.retry_after_cap,
+            max_failures=settings.max_attempts,
         )
 
     def run(self, auth: tuple[str, str] | None) -> None:

@@ -54,11 +54,13 @@ class RetryPolicy:
         backoff_initial: float,
         backoff_max: float,
         retry_after_cap: float,
+        max_failures: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.outage_tolerance = outage_tolerance
         self.total_timeout = total_timeout
         self.retry_after_cap = retry_after_cap
+        self.max_failures = max_failures  # None: time alone bounds the retries
         self._jitter = tenacity.wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
         self._clock = clock
         self.started = clock()
@@ -82,6 +84,8 @@ class RetryPolicy:
 
     def gives_up(self, upcoming_sleep: float) -> str | None:
         """Why no further attempt fits after sleeping ``upcoming_sleep`` (None: try again)."""
+        if self.max_failures is not None and self.failures >= self.max_failures:
+            return f"{self.failures} attempts in a row without progress"
         now = self._clock() + upcoming_sleep
         if now - self.started >= self.total_timeout:
             return f"the download would take longer than {self.total_timeout:.0f} s"

@@ -86,3 +86,13 @@ def test_gives_up_at_the_overall_limit() -> None:
     assert not p.timed_out()
     clock.now = 1001.0
     assert p.timed_out()
+
+
+def test_an_optional_count_of_failures_in_a_row() -> None:
+    p = policy(Clock(), max_failures=2)
+    p.failed()
+    assert p.gives_up(0.0) is None
+    p.failed()
+    assert "2 attempts in a row" in (p.gives_up(0.0) or "")
+    p.progress()
+    assert p.gives_up(0.0) is None
