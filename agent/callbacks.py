@@ -30,12 +30,11 @@ from tenacity import (
 )
 
 from agent.redact import redact_url, register_secret
+from agent.retry_policy import RETRY_STATUS  # one rule for every HTTP retry in the agent
 
 log = logging.getLogger(__name__)
 
 FINAL_STATES = ("done", "error")
-# Answers worth retrying: the orchestrator is restarting, overloaded or asks us to slow down.
-RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
             help="write the image while it downloads (the checksum still gates the partition "
             "table; a failed install has overwritten the disk)",
         )
+        p.add_argument(
+            "--max-rate",
+            type=_rate,
+            metavar="RATE",
+            help="cap the image download at RATE bytes/s (suffixes k, M, G; default: no cap)",
+        )
+        p.add_argument(
+            "--outage-tolerance",
+            type=float,
+            metavar="SECONDS",
+            help="keep retrying an image server that answers 5xx/429, refuses connections or "
+            "stalls for this long without progress (default 600)",
+        )
 
     p = sub.add_parser("install", help="run one install")
     p.add_argument("--payload", required=True, help="request JSON file, or - for stdin")
@@ -99,6 +112,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path)
     target_options(p)
     return parser
+
+
+def _rate(text: str) -> float:
+    """``--max-rate`` values: bytes per second, with an optional k/M/G (powers of 1000)."""
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
+    number = text[:-1] if scale != 1.0 else text
+    try:
+        rate = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rate: {text!r}") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError("the rate must be positive")
+    return rate
 
 
 def _read_payload(source: str) -> Any:
@@ -220,7 +246,9 @@ def _install_options(args: argparse.Namespace, hints: dict[str, str]) -> Any:
         disk=args.disk,
         hints=hints,
         workdir=args.workdir or DEFAULT_WORKDIR,
-        download_settings=download_settings(args.ca_bundle),
+        download_settings=download_settings(
+            args.ca_bundle, max_rate=args.max_rate, outage_tolerance=args.outage_tolerance
+        ),
         verify=args.verify,
         stream=args.stream,
     )

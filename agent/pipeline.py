@@ -64,11 +64,16 @@ class InstallOptions:
     stream: bool = False  # write while downloading (agent/streamcopy.py)
 
 
-def download_settings(ca_bundle: str | None = None) -> download.DownloadSettings | None:
+def download_settings(
+    ca_bundle: str | None = None,
+    *,
+    max_rate: float | None = None,
+    outage_tolerance: float | None = None,
+) -> download.DownloadSettings | None:
     """The download settings for the command line's options (None: the defaults)."""
-    if ca_bundle is None:
-        return None
-    return download.DownloadSettings(ca_bundle=ca_bundle)
+    given = {"ca_bundle": ca_bundle, "max_rate": max_rate, "outage_tolerance": outage_tolerance}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return download.DownloadSettings(**chosen) if chosen else None
 
 
 class Interrupted(Exception):

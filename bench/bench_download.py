@@ -1,10 +1,13 @@
 """Benchmark: the agent's download+verify against curl, from a real nginx on 127.0.0.1.
 
-Not a test: it prints figures. One run alternates, round after round, ``curl -o`` into tmpfs and
-the agent's download (+ checksum verify) for sha256, md5 and sha512 into tmpfs. Each agent run is
-a child process so that its peak RSS (VmHWM) is its own.
+Not a test: it prints figures. For each size (default ~700 MB and ~2 GB, the two sizes of issue
+11), one run alternates, round after round, ``curl -o`` into tmpfs and the agent's download
+(+ checksum verify) for sha256, md5 and sha512 into tmpfs, and prints min/median/max MB/s, the
+agent/curl ratio of the medians, and each side's CPU per MB (user+sys of the client process:
+unlike MB/s, this barely moves when other work shares the machine). Each agent run is a child
+process so that its peak RSS (VmHWM) and its CPU are its own.
 
-    .venv/bin/python -m bench.bench_download [--size-mib 1024] [--rounds 3]
+    .venv/bin/python -m bench.bench_download [--size-mib 704,1904] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ def child(url: str, dest: str, ctype: str, expected: str, read_kib: int, block_m
     from agent.download import DownloadSettings, download
 
     settings = DownloadSettings(read_size=read_kib * 1024, hash_block=block_mib * MiB)
+    import resource
+
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     result = download(
         url,
@@ -52,7 +58,9 @@ def child(url: str, dest: str, ctype: str, expected: str, read_kib: int, block_m
     assert result.digest is not None
     checksum.verify(ctype, result.digest, expected)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "size": result.size, "hwm": _vm_hwm()}))
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    print(json.dumps({"seconds": seconds, "size": result.size, "hwm": _vm_hwm(), "cpu": cpu}))
 
 
 def hash_speed(name: str, total: int = 1024 * MiB, block: int = 64 * MiB) -> float:
@@ -66,6 +74,7 @@ def hash_speed(name: str, total: int = 1024 * MiB, block: int = 64 * MiB) -> flo
 
 
 def make_file(path: Path, size: int) -> dict[str, str]:
+    """``size`` bytes (a multiple of 16 MiB) of incompressible data; their digests."""
     hashers = {name: hashlib.new(name) for name in HASHES}
     block = os.urandom(16 * MiB)
     with open(path, "wb") as f:
@@ -86,11 +95,16 @@ def _busy_seconds() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
-def run_curl(url: str, dest: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the whole machine) for one curl transfer."""
+def run_curl(url: str, dest: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of the whole machine, CPU seconds of curl) for one transfer."""
+    import resource
+
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     b0, t0 = _busy_seconds(), time.perf_counter()
     subprocess.run(["curl", "-sS", "--fail", "-o", str(dest), url], check=True, timeout=600)
-    return time.perf_counter() - t0, _busy_seconds() - b0
+    wall, busy = time.perf_counter() - t0, _busy_seconds() - b0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, busy, (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
 
 
 def run_agent(url: str, dest: Path, ctype: str, expected: str, args: argparse.Namespace) -> dict:
@@ -109,7 +123,7 @@ def fmt(values: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--size-mib", type=int, default=1024)
+    p.add_argument("--size-mib", default="704,1904", help="comma-separated sizes")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--read-kib", type=int, default=256)
     p.add_argument("--block-mib", type=int, default=8)
@@ -118,49 +132,59 @@ def main() -> None:
     if args.child:
         child(*args.child, args.read_kib, args.block_mib)
         return
+    speeds = {name: hash_speed(name) for name in HASHES}
+    for size_mib in (int(s) for s in args.size_mib.split(",")):
+        bench_size(size_mib // 16 * 16 * MiB, args, speeds)
 
-    size = args.size_mib * MiB
+
+def bench_size(size: int, args: argparse.Namespace, speeds: dict[str, float]) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-dl-", dir="/dev/shm") as tmp:
         root, out = Path(tmp) / "www", Path(tmp) / "out"
         root.mkdir()
         out.mkdir()
         for d in (Path(tmp), root):  # nginx workers run as an unprivileged user
             d.chmod(0o755)
-        print(f"generating {args.size_mib} MiB ...", flush=True)
+        print(f"generating {size // MiB} MiB ...", flush=True)
         digests = make_file(root / "image.raw", size)
-        speeds = {name: hash_speed(name) for name in HASHES}
         mbps: dict[str, list[float]] = {k: [] for k in ("curl", *HASHES)}
+        cpu: dict[str, list[float]] = {k: [] for k in ("curl", *HASHES)}  # client ms per MB
         hwm: list[int] = []
         transfer_cpu: list[float] = []  # machine CPU seconds per MB moved by nginx -> curl
         with nginx(root) as base:
             url = f"{base}/image.raw"
             for r in range(args.rounds):
                 order = ["curl", *HASHES]
-                order = (
-                    order[r % len(order) :] + order[: r % len(order)]
-                )  # alternate who goes first
+                order = order[r % len(order) :] + order[: r % len(order)]  # who goes first
                 for what in order:
                     dest = out / f"{what}.raw"
                     if what == "curl":
-                        seconds, busy = run_curl(url, dest)
+                        seconds, busy, own = run_curl(url, dest)
                         got = dest.stat().st_size
                         transfer_cpu.append(busy / (got / 1e6))
                     else:
                         res = run_agent(url, dest, what, digests[what], args)
-                        seconds, got = res["seconds"], res["size"]
+                        seconds, got, own = res["seconds"], res["size"], res["cpu"]
                         hwm.append(res["hwm"])
                     assert got == size, (what, got)
                     dest.unlink()
                     mbps[what].append(size / seconds / 1e6)
+                    cpu[what].append(own * 1000 / (size / 1e6))
                     print(f"round {r + 1} {what:7s} {mbps[what][-1]:7.0f} MB/s", flush=True)
+    report(size, args, speeds, mbps, cpu, transfer_cpu, hwm)
 
+
+def report(size, args, speeds, mbps, cpu, transfer_cpu, hwm) -> None:  # type: ignore[no-untyped-def]
     print()
-    print(f"file {args.size_mib} MiB, {args.rounds} rounds, nginx 127.0.0.1 -> /dev/shm, MB/s")
-    print(f"read size {args.read_kib} KiB, hash block {args.block_mib} MiB, {os.cpu_count()} CPUs")
+    load = os.getloadavg()[0]
+    print(f"file {size // MiB} MiB ({size / 1e9:.2f} GB), {args.rounds} rounds, nginx 127.0.0.1"
+          f" -> /dev/shm, MB/s; {os.cpu_count()} CPUs, load average {load:.1f}")  # fmt: skip
+    print(f"read size {args.read_kib} KiB, hash block {args.block_mib} MiB")
     med_curl = statistics.median(mbps["curl"])
     cpu_per_mb = statistics.median(transfer_cpu)
     cores = os.cpu_count() or 1
-    print(f"curl -o           {fmt(mbps['curl'])}   (machine CPU {cpu_per_mb * 1000:.2f} ms/MB)")
+    curl_cpu = statistics.median(cpu["curl"])
+    print(f"curl -o           {fmt(mbps['curl'])}   client CPU {curl_cpu:.2f} ms/MB"
+          f"   (machine CPU {cpu_per_mb * 1000:.2f} ms/MB)")  # fmt: skip
     for name in HASHES:
         med = statistics.median(mbps[name])
         # What this machine can do at best: the transfer's CPU cost plus the hash's, spread over
@@ -168,10 +192,12 @@ def main() -> None:
         ceiling = min(med_curl, speeds[name], cores / (cpu_per_mb + 1 / speeds[name]))
         print(
             f"agent {name:7s}     {fmt(mbps[name])}   agent/curl {med / med_curl:4.2f}"
-            f"   {name} alone {speeds[name]:6.0f} MB/s (agent/hash {med / speeds[name]:4.2f})"
+            f"   client CPU {statistics.median(cpu[name]):.2f} ms/MB"
+            f"   {name} alone {speeds[name]:6.0f} MB/s"
             f"   CPU ceiling {ceiling:5.0f} MB/s (agent/ceiling {med / ceiling:4.2f})"
         )
     print(f"agent peak RSS (VmHWM): max {max(hwm) / MiB:.1f} MiB")
+    print(flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ APT_PACKAGES=(
   # python venv on a fresh Debian
   python3-venv python3-pip
   # tests, demo and benchmarks
-  curl nginx-light ca-certificates libarchive-tools genisoimage
+  curl nginx-light ca-certificates libarchive-tools genisoimage squid
   # VM tests and the rescue image
   qemu-system-x86 ovmf seabios ipxe-qemu busybox-static cpio zstd xz-utils debootstrap
   # runtime libraries of the unpacked grub-mkstandalone / grub-mkimage (vm-fixtures)

@@ -13,6 +13,7 @@ import re
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -169,3 +170,147 @@ def serve(
     headers.update(extra_headers or {})
     send_head(sock, status, headers)
     sock.sendall(body if cut_at is None else body[:cut_at])
+
+
+# --- a well-behaved origin with keep-alive, outages and cuts (the fleet and reuse tests) --------
+
+
+@dataclass
+class Hit:
+    """One request the origin received."""
+
+    at: float  # time.monotonic()
+    path: str
+    range: str | None
+    via: str | None
+    connection: int  # which TCP connection carried it (reuse shows as repeated numbers)
+    status: int = 0
+
+
+@dataclass
+class Origin:
+    """An HTTP/1.1 origin with keep-alive, cacheable answers (ETag, Last-Modified, max-age) and
+    Range support, that counts every body byte it sends (per path). ``outage(seconds, after)``
+    plans an outage: from then on every transfer in flight is cut, and every request is answered
+    503 + Retry-After (with a small body, on a connection kept alive) until it ends."""
+
+    payload: bytes
+    rate: float | None = None  # bytes per second per transfer
+    retry_after: int = 2
+    hits: list[Hit] = field(default_factory=list)
+    sent: dict[str, int] = field(default_factory=dict)
+    connections: int = 0
+    down_from: float = float("inf")
+    down_until: float = float("-inf")
+    _cut: tuple[int, float] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> Origin:
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with outer._lock:
+                    outer.connections += 1
+                    self.number = outer.connections
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                outer._get(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client that went away (a cut, a closed keep-alive) is normal here
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def url(self, path: str = "/img") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def outage(self, seconds: float, after: float = 0.0, at_byte: int | None = None) -> None:
+        """An outage of ``seconds``, starting ``after`` seconds from now or, with ``at_byte``,
+        when the origin has sent that many body bytes in all (mid-transfer, deterministic)."""
+        now = time.monotonic()
+        with self._lock:
+            if at_byte is not None:
+                self._cut = (at_byte, seconds)
+                return
+            self.down_from, self.down_until = now + after, now + after + seconds
+
+    def is_down(self, at: float | None = None) -> bool:
+        at = time.monotonic() if at is None else at
+        return self.down_from <= at < self.down_until
+
+    def egress(self, prefix: str = "/") -> int:
+        with self._lock:
+            return sum(n for path, n in self.sent.items() if path.startswith(prefix))
+
+    def _get(self, h) -> None:  # type: ignore[no-untyped-def]
+        hit = Hit(time.monotonic(), h.path, h.headers.get("Range"), h.headers.get("Via"), h.number)
+        with self._lock:
+            self.hits.append(hit)
+        if self.is_down(hit.at):
+            hit.status = 503
+            body = b"the origin is down for maintenance\n" * 4
+            h.send_response(503)
+            h.send_header("Retry-After", str(self.retry_after))
+            h.send_header("Content-Length", str(len(body)))
+            h.send_header("Cache-Control", "no-store")
+            h.end_headers()
+            h.wfile.write(body)
+            return
+        data, start = self.payload, 0
+        m = _RANGE.match(h.headers.get("Range") or "")
+        if m and h.headers.get("If-Range") in (None, '"fleet-1"') and int(m[1]) < len(data):
+            start = int(m[1])
+        hit.status = 206 if start else 200
+        h.send_response(hit.status)
+        h.send_header("ETag", '"fleet-1"')
+        h.send_header("Last-Modified", "Wed, 21 Oct 2015 07:28:00 GMT")
+        h.send_header("Cache-Control", "public, max-age=3600")
+        h.send_header("Accept-Ranges", "bytes")
+        if start:
+            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        h.send_header("Content-Length", str(len(data) - start))
+        h.end_headers()
+        self._send_body(h, memoryview(data)[start:])
+
+    def _send_body(self, h, body: memoryview) -> None:  # type: ignore[no-untyped-def]
+        piece = 64 * 1024
+        t0 = time.monotonic()
+        for i in range(0, len(body), piece):
+            chunk = body[i : i + piece]
+            with self._lock:
+                if self._cut and sum(self.sent.values()) + len(chunk) > self._cut[0]:
+                    now = time.monotonic()
+                    self.down_from, self.down_until = now, now + self._cut[1]
+                    self._cut = None
+                down = self.is_down()
+                if not down:
+                    self.sent[h.path] = self.sent.get(h.path, 0) + len(chunk)
+            if down:  # the outage cuts every transfer in flight
+                h.close_connection = True
+                with contextlib.suppress(OSError):
+                    h.connection.shutdown(socket.SHUT_RDWR)
+                return
+            h.wfile.write(chunk)
+            if self.rate:
+                ahead = (i + len(chunk)) / self.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)

@@ -13,22 +13,16 @@ from pathlib import Path
 import pytest
 
 from agent import messages as msg
-from agent.download import (
-    DownloadSettings,
-    backoff_delay,
-    download,
-    parse_content_range,
-    parse_retry_after,
-)
+from agent.download import DownloadSettings, download
 from agent.messages import InstallError
-from tests.badserver import BadServer, send_head, serve
+from tests.badserver import BadServer, Origin, send_head, serve
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 12345)
 FAST = DownloadSettings(
     connect_timeout=2,
     stall_timeout=0.5,
     total_timeout=20,
-    max_attempts=3,
+    outage_tolerance=1.5,
     backoff_initial=0.01,
     backoff_max=0.05,
     retry_after_cap=2,
@@ -198,7 +192,8 @@ def test_chunked_body_cut_is_not_complete(server: BadServer, out: Path) -> None:
     with pytest.raises(InstallError) as exc:
         fetch(url, out)
     assert_failed(exc, url, out)
-    assert server.count("/img") == FAST.max_attempts
+    assert server.count("/img") >= 3  # retried until the outage tolerance ran out
+    assert "outage tolerance" in exc.value.detail
 
 
 # --- lies about the length ----------------------------------------------------------------------
@@ -254,7 +249,7 @@ def test_stall_forever_fails(server: BadServer, out: Path) -> None:
         fetch(url, out)
     assert_failed(exc, url, out)
     assert "Timeout" in exc.value.detail
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 8
 
 
 def test_total_time_limit(server: BadServer, out: Path) -> None:
@@ -286,7 +281,7 @@ def test_503_honours_retry_after(server: BadServer, out: Path) -> None:
 
     t0 = time.monotonic()
     assert_ok(fetch(server.url("/img"), out), out)
-    assert time.monotonic() - t0 >= 0.95  # FAST's own backoff is at most 0.05 s
+    assert time.monotonic() - t0 >= 1.0  # Retry-After is a minimum; the jitter comes on top
 
 
 def test_retry_after_is_capped(server: BadServer, out: Path) -> None:
@@ -308,11 +303,13 @@ def test_429_retried_then_gives_up(server: BadServer, out: Path) -> None:
         sock, "429 Too Many Requests", {"Content-Length": 0}
     )
     url = server.url("/img")
+    t0 = time.monotonic()
     with pytest.raises(InstallError) as exc:
         fetch(url, out)
     assert_failed(exc, url, out)
-    assert server.count("/img") == FAST.max_attempts
-    assert "429" in exc.value.detail
+    assert time.monotonic() - t0 >= FAST.outage_tolerance - FAST.backoff_max  # time, not count
+    assert server.count("/img") >= 3
+    assert "429" in exc.value.detail and "outage tolerance" in exc.value.detail
 
 
 @pytest.mark.parametrize("status", ["404 Not Found", "403 Forbidden", "410 Gone"])
@@ -435,7 +432,8 @@ def test_authorization_dropped_on_foreign_redirect(server: BadServer, out: Path)
     assert (same.header("authorization"), same.header("x-auth-token")) == (BASIC, "tok-12345")
     assert foreign.header("authorization") is None
     assert foreign.header("x-auth-token") is None
-    assert foreign.header("x-plain") == "kept"
+    assert foreign.header("x-plain") is None  # every header the request brought is dropped
+    assert same.header("x-plain") == "kept"
 
 
 # --- memory budget ------------------------------------------------------------------------------
@@ -497,34 +495,6 @@ def test_budget_exact_and_one_byte_short(server: BadServer, out: Path) -> None:
     assert exc.value.message == msg.too_big_for_memory("qcow2")
 
 
-# --- pure decisions -----------------------------------------------------------------------------
-
-
-def test_parse_retry_after() -> None:
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after("Thu, 01 Jan 1970 00:01:40 GMT", now=40.0) == 60.0
-
-
-def test_parse_content_range() -> None:
-    assert parse_content_range("bytes 10-19/20") == (10, 19, 20)
-    assert parse_content_range("bytes 10-19/*") == (10, 19, None)
-    assert parse_content_range("bytes 10-20/20") is None
-    assert parse_content_range("bytes 19-10/20") is None
-    assert parse_content_range("items 1-2/3") is None
-
-
-def test_backoff_is_full_jitter_and_capped() -> None:
-    import random
-
-    rng = random.Random(1)
-    values = [backoff_delay(n, 1.0, 8.0, rng) for n in range(1, 200)]
-    assert all(0 <= v <= 8.0 for v in values)
-    assert max(values[10:]) > 4.0  # grows to the cap
-    assert all(v <= 1.0 for v in (backoff_delay(1, 1.0, 8.0, rng) for _ in range(50)))
-
-
 # --- proxies ------------------------------------------------------------------------------------
 
 
@@ -545,3 +515,112 @@ def test_no_proxy_bypasses_proxy(
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert_ok(fetch(server.url("/img"), out), out)
+
+
+# --- outages, connection reuse, proxies ----------------------------------------------------------
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    srv = Origin(PAYLOAD, retry_after=0).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_error_bodies_are_read_so_the_connection_is_reused(origin: Origin, out: Path) -> None:
+    origin.outage(0.3)
+    assert_ok(fetch(origin.url(), out), out)
+    statuses = [h.status for h in origin.hits]
+    assert statuses.count(503) >= 2 and statuses[-1] == 200
+    assert {h.connection for h in origin.hits} == {1}  # one connection for every attempt
+
+
+def test_outage_is_bounded_by_time_not_by_a_count(origin: Origin, out: Path) -> None:
+    origin.outage(2.5)
+    settings = DownloadSettings(backoff_initial=0.05, backoff_max=0.2, outage_tolerance=1.0)
+    with pytest.raises(InstallError) as exc:
+        fetch(origin.url(), out, settings=settings)
+    assert "outage tolerance" in exc.value.detail and "503" in exc.value.detail
+    out.parent.mkdir(exist_ok=True)
+    origin.outage(2.5)
+    settings = DownloadSettings(backoff_initial=0.05, backoff_max=0.2, outage_tolerance=10)
+    assert_ok(fetch(origin.url(), out, settings=settings), out)
+    assert sum(h.status == 503 for h in origin.hits) >= 10  # far more than the old 8 answers
+
+
+def test_on_progress_exception_propagates_and_the_file_is_removed(
+    server: BadServer, out: Path
+) -> None:
+    class Cancelled(Exception):
+        pass
+
+    cancel = Cancelled("operator cancelled")
+    calls: list[int] = []
+
+    def on_progress(done: int, total: int | None) -> None:
+        calls.append(done)
+        if done > len(PAYLOAD) // 3:
+            raise cancel
+
+    server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req)
+    settings = DownloadSettings(progress_interval=0.0)
+    with pytest.raises(Cancelled) as exc:
+        fetch(server.url("/img"), out, on_progress=on_progress, settings=settings)
+    assert exc.value is cancel
+    assert not out.exists()
+    assert server.count("/img") == 1  # not retried
+    assert len(calls) > 3  # called often, not only at the start and the end
+
+
+def test_max_rate_caps_the_bandwidth(server: BadServer, out: Path) -> None:
+    server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req)
+    rate = 2 * 1024 * 1024
+    t0 = time.monotonic()
+    assert_ok(fetch(server.url("/img"), out, settings=DownloadSettings(max_rate=rate)), out)
+    elapsed = time.monotonic() - t0
+    print(f"\n{len(PAYLOAD)} bytes at --max-rate {rate}: {len(PAYLOAD) / elapsed / 1e6:.2f} MB/s")
+    # a bucket of one second: the first second's worth comes at once, the rest at the rate
+    assert elapsed >= (len(PAYLOAD) - rate) / rate * 0.95
+
+
+def test_zero_blocks_become_holes_and_are_hashed(server: BadServer, out: Path) -> None:
+    data = os.urandom(4096) + bytes(8 * 1024 * 1024) + os.urandom(5000) + bytes(300_000)
+    server.routes["/img"] = lambda s, sock, req, n: serve(s, sock, req, data=data)
+    assert_ok(fetch(server.url("/img"), out), out, data=data)
+    allocated = out.stat().st_blocks * 512
+    print(f"\n{len(data)} bytes of mostly zeros: {allocated} bytes allocated")
+    assert allocated < len(data) // 2
+
+
+def _proxy_route(cache_headers: dict[str, str | int]):  # type: ignore[no-untyped-def]
+    def route(s, sock, req, n):  # type: ignore[no-untyped-def]
+        half = len(PAYLOAD) // 2
+        serve(s, sock, req, cut_at=half if n == 1 else None, extra_headers=cache_headers)
+
+    return route
+
+
+@pytest.mark.parametrize(
+    ("cache_headers", "resumed"),
+    [
+        ({"X-Cache": "MISS from squid", "Via": "1.1 squid"}, False),
+        ({"X-Cache": "HIT from squid", "Age": 12}, True),
+        ({"Cache-Status": "nginx; hit"}, True),
+    ],
+)
+def test_drop_through_a_proxy_resumes_only_from_its_cache(
+    server: BadServer, out: Path, monkeypatch: pytest.MonkeyPatch, cache_headers, resumed
+) -> None:
+    """A proxy that was fetching from the origin keeps no partial copy (squid): a plain GET that
+    it can cache and share beats a Range that it forwards uncached, once per agent."""
+    url = "http://image.example.invalid/img"
+    server.routes[url] = _proxy_route(cache_headers)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url(""))
+    monkeypatch.setenv("http_proxy", server.url(""))
+    assert_ok(fetch(url, out), out)
+    second = server.requests[1].header("range")
+    assert (second == f"bytes={len(PAYLOAD) // 2}-") if resumed else (second is None)
