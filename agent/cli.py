@@ -27,60 +27,62 @@ class UsageError(Exception):
     """Command-line misuse: exit status 2."""
 
 
+def _target_options(p: argparse.ArgumentParser) -> None:
+    """The options of an install, shared by ``install`` and ``serve``."""
+    p.add_argument("--disk", help="target device; overrides discovery (safety checks stay)")
+    p.add_argument(
+        "--hint",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="root device hint (name, serial, wwn, model, vendor, size, "
+        "rotational, by_path); repeatable, all must match",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the tmpfs download area is made (default /run/byoi-agent)",
+    )
+    p.add_argument(
+        "--ca-bundle", metavar="FILE", help="extra CA certificates (PEM) for https image URLs"
+    )
+    p.add_argument(
+        "--verify",
+        choices=("full", "sample", "none"),
+        default="sample",
+        help="read-back of the written image: all of it, its data and samples of its "
+        "zeroes (default), or none",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="write the image while it downloads (the checksum still gates the partition "
+        "table; a failed install has overwritten the disk)",
+    )
+    p.add_argument(
+        "--max-rate",
+        type=_rate,
+        metavar="RATE",
+        help="cap the image download at RATE bytes/s (suffixes k, M, G; default: no cap)",
+    )
+    p.add_argument(
+        "--outage-tolerance",
+        type=float,
+        metavar="SECONDS",
+        help="keep retrying an image server that answers 5xx/429, refuses connections or "
+        "stalls for this long without progress (default 600)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byoi-agent", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def target_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--disk", help="target device; overrides discovery (safety checks stay)")
-        p.add_argument(
-            "--hint",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="root device hint (name, serial, wwn, model, vendor, size, "
-            "rotational, by_path); repeatable, all must match",
-        )
-        p.add_argument(
-            "--workdir",
-            type=Path,
-            default=None,
-            help="where the tmpfs download area is made (default /run/byoi-agent)",
-        )
-        p.add_argument(
-            "--ca-bundle", metavar="FILE", help="extra CA certificates (PEM) for https image URLs"
-        )
-        p.add_argument(
-            "--verify",
-            choices=("full", "sample", "none"),
-            default="sample",
-            help="read-back of the written image: all of it, its data and samples of its "
-            "zeroes (default), or none",
-        )
-        p.add_argument(
-            "--stream",
-            action="store_true",
-            help="write the image while it downloads (the checksum still gates the partition "
-            "table; a failed install has overwritten the disk)",
-        )
-        p.add_argument(
-            "--max-rate",
-            type=_rate,
-            metavar="RATE",
-            help="cap the image download at RATE bytes/s (suffixes k, M, G; default: no cap)",
-        )
-        p.add_argument(
-            "--outage-tolerance",
-            type=float,
-            metavar="SECONDS",
-            help="keep retrying an image server that answers 5xx/429, refuses connections or "
-            "stalls for this long without progress (default 600)",
-        )
-
     p = sub.add_parser("install", help="run one install")
     p.add_argument("--payload", required=True, help="request JSON file, or - for stdin")
-    target_options(p)
+    _target_options(p)
     p.add_argument("--json", action="store_true", help="print a JSON result line on stdout")
 
     p = sub.add_parser("disks", help="list block devices, eligibility and the chosen one")
@@ -110,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
-    target_options(p)
+    _target_options(p)
     return parser
 
 
