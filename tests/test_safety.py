@@ -292,13 +292,14 @@ def test_image_almost_as_big_as_the_disk_is_refused_before_writing(
     assert disk_digest(dev) == before, "the disk was wiped for an install that could not end"
 
 
-def install_cli(tmp_path: Path, body: dict, disk: str, *extra: str):
+def install_cli(tmp_path: Path, body: dict, disk: str, *extra: str, options: tuple = ()):
     f = tmp_path / "payload.json"
     f.write_text(json.dumps(body))
     work = tmp_path / "work"
     proc = run_cli(
-        *extra, "install", "--payload", str(f), "--disk", disk, "--workdir", str(work), "--json"
-    )
+        *extra, "install", "--payload", str(f), "--disk", disk, "--workdir", str(work), "--json",
+        *options,
+    )  # fmt: skip
     assert_workdir_clean(work)
     return proc
 
@@ -394,7 +395,10 @@ def test_no_secret_in_verbose_output(tmp_path, make_loop) -> None:
         {"key": "httpHeaders0Value", "value": header_secret},
     ]
     try:
-        proc = install_cli(tmp_path, body, make_loop(DISK), "-vv")
+        # the server keeps failing: give up after a few seconds of outage, not the default 600
+        proc = install_cli(
+            tmp_path, body, make_loop(DISK), "-vv", options=("--outage-tolerance", "3")
+        )
     finally:
         server.stop()
     assert proc.returncode == 1
