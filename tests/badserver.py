@@ -314,3 +314,25 @@ class Origin:
                 ahead = (i + len(chunk)) / self.rate - (time.monotonic() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
+
+
+def paced(cut_at: int | None = None, piece: int = 256 * 1024, pause: float = 0.005) -> Behaviour:
+    """Serve the payload in small paced pieces (so a reader of the growing file really waits),
+    cut at ``cut_at`` on the first request, whole (from the asked Range) afterwards."""
+
+    def behaviour(server: BadServer, sock: socket.socket, req: Request, n: int) -> None:
+        start = int((req.header("range") or "bytes=0-")[6:-1])
+        body = server.payload[start:]
+        headers: dict[str, str | int] = {"ETag": '"v1"', "Accept-Ranges": "bytes"}
+        status = "200 OK"
+        if start:
+            status = "206 Partial Content"
+            size = len(server.payload)
+            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        send_head(sock, status, {**headers, "Content-Length": len(body)})
+        end = len(body) if n > 1 or cut_at is None else cut_at - start
+        for pos in range(0, end, piece):
+            sock.sendall(body[pos : min(pos + piece, end)])
+            server.sleep(pause)
+
+    return behaviour

@@ -17,7 +17,7 @@ import pytest
 from agent import stream
 from agent.download import DownloadSettings, download
 from agent.messages import InstallError
-from tests.badserver import BadServer, send_head
+from tests.badserver import BadServer, paced, send_head
 from tests.conftest import needs_root
 
 pytestmark = pytest.mark.timeout(180)  # a read that never wakes fails the test, not the run
@@ -277,29 +277,6 @@ def _streamed_download(url: str, dest: Path, growing: stream.Growing) -> threadi
     return thread
 
 
-def _slow_cut(cut_at: int | None) -> Callable[..., None]:
-    """Serve the image in small paced pieces (so qemu-img really waits), cut at ``cut_at``
-    on the first request, whole (from the asked Range) afterwards."""
-
-    def behaviour(server: BadServer, sock: socket.socket, req, n: int) -> None:  # noqa: ANN001
-        start = int((req.header("range") or "bytes=0-")[6:-1])
-        body = server.payload[start:]
-        headers: dict[str, str | int] = {"ETag": '"v1"', "Accept-Ranges": "bytes"}
-        status = "200 OK"
-        if start:
-            status = "206 Partial Content"
-            headers["Content-Range"] = (
-                f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}"
-            )
-        send_head(sock, status, {**headers, "Content-Length": len(body)})
-        end = len(body) if n > 1 or cut_at is None else cut_at - start
-        for pos in range(0, end, 256 * 1024):
-            sock.sendall(body[pos : min(pos + 256 * 1024, end)])
-            server.sleep(0.005)
-
-    return behaviour
-
-
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_agent_download_dropped_and_resumed_while_streaming(
     fmt: str, images: dict[str, Path], tmp_path: Path
@@ -309,7 +286,7 @@ def test_agent_download_dropped_and_resumed_while_streaming(
     expected = tmp_path / "expected.raw"
     _qemu_img("convert", "-f", fmt, "-O", "raw", str(image), str(expected))
     server = BadServer(payload).start()
-    server.routes["/img"] = _slow_cut(len(payload) // 2)
+    server.routes["/img"] = paced(len(payload) // 2)
     dest = tmp_path / "dl.img"
     growing = stream.Growing(len(payload))
     out = tmp_path / "out.raw"
@@ -332,7 +309,7 @@ def test_agent_download_failing_for_good_fails_the_convert(
 ) -> None:
     payload = images["qcow2"].read_bytes()
     server = BadServer(payload).start()
-    cut = _slow_cut(len(payload) // 3)
+    cut = paced(len(payload) // 3)
     server.routes["/img"] = lambda s, sock, req, n: (
         cut(s, sock, req, n) if n == 1 else send_head(sock, "404 Not Found", {"Content-Length": 0})
     )

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from badserver import BadServer, send_head
+from badserver import BadServer, paced
 from test_install import fill_pattern, payload
 
 from agent import messages as msg
@@ -26,27 +26,6 @@ pytestmark = pytest.mark.root
 MiB = 1024 * 1024
 ROOT = Path(__file__).parent.parent
 DISK = 256 * MiB
-
-
-def paced(cut_at: int | None = None):
-    """Serve the payload in paced pieces; the first request cut at ``cut_at``."""
-
-    def behaviour(server: BadServer, sock, req, n: int) -> None:  # noqa: ANN001
-        start = int((req.header("range") or "bytes=0-")[6:-1])
-        body = server.payload[start:]
-        headers: dict[str, str | int] = {"ETag": '"v1"', "Accept-Ranges": "bytes"}
-        status = "200 OK"
-        if start:
-            status = "206 Partial Content"
-            size = len(server.payload)
-            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-        send_head(sock, status, {**headers, "Content-Length": len(body)})
-        end = len(body) if n > 1 or cut_at is None else cut_at - start
-        for pos in range(0, end, 512 * 1024):
-            sock.sendall(body[pos : min(pos + 512 * 1024, end)])
-            server.sleep(0.01)
-
-    return behaviour
 
 
 def install(tmp_path: Path, url: str, fmt: str, dev: str, checksum: str):
@@ -84,7 +63,7 @@ def same_body(image: Path, fmt: str, dev: str, tmp_path: Path) -> bool:
 def test_stream_install(tmp_path, make_loop, fmt) -> None:
     image = build_image(tmp_path / f"img.{fmt}", fmt=fmt, size_mib=48)
     server = BadServer(image.read_bytes())
-    server.routes["/img"] = paced()
+    server.routes["/img"] = paced(piece=512 * 1024, pause=0.01)
     server.start()
     dev = make_loop(DISK)
     fill_pattern(dev)
@@ -104,7 +83,7 @@ def test_stream_install(tmp_path, make_loop, fmt) -> None:
 def test_stream_checksum_failure_leaves_no_table(tmp_path, make_loop) -> None:
     image = build_image(tmp_path / "img.qcow2", size_mib=48)
     server = BadServer(image.read_bytes())
-    server.routes["/img"] = paced()
+    server.routes["/img"] = paced(piece=512 * 1024, pause=0.01)
     server.start()
     dev = make_loop(DISK)
     fill_pattern(dev)
@@ -126,7 +105,7 @@ def test_stream_survives_a_drop_and_resume(tmp_path, make_loop) -> None:
     image = build_image(tmp_path / "img.qcow2", size_mib=48)
     data = image.read_bytes()
     server = BadServer(data)
-    server.routes["/img"] = paced(cut_at=len(data) // 2)
+    server.routes["/img"] = paced(len(data) // 2, 512 * 1024, 0.01)
     server.start()
     dev = make_loop(DISK)
     try:
