@@ -338,19 +338,7 @@ def test_exit_ends_blocked_clients_and_removes_the_server(
     the threads and the socket are gone, nothing listens any more."""
     dest, growing = growing_file(images["raw"])
     with stream.export(dest, growing.size, growing, tmp_path) as nbd:
-        proc = subprocess.Popen(
-            [
-                "qemu-img",
-                "convert",
-                *stream.source_args(nbd, "raw"),
-                "-O",
-                "raw",
-                str(tmp_path / "out.raw"),
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        _wait_until(lambda: growing.blocked > 0)
+        proc = _blocked_convert(nbd, "raw", tmp_path / "out.raw", growing)
         assert nbd.socket.exists()
         assert _nbd_threads()
     _, err = proc.communicate(timeout=60)
@@ -359,6 +347,16 @@ def test_exit_ends_blocked_clients_and_removes_the_server(
     assert not _nbd_threads()
     with socket.socket(socket.AF_UNIX) as s, pytest.raises(FileNotFoundError):
         s.connect(str(nbd.socket))
+
+
+def _blocked_convert(
+    nbd: stream.Export, fmt: str, out: Path, growing: stream.Growing
+) -> subprocess.Popen[str]:
+    """A qemu-img convert from the export, once it waits for bytes that have not arrived."""
+    args = ["qemu-img", "convert", *stream.source_args(nbd, fmt), "-O", "raw", str(out)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    _wait_until(lambda: growing.blocked > 0)
+    return proc
 
 
 def _wait_until(condition: Callable[[], bool], limit: float = 30) -> None:
@@ -378,19 +376,7 @@ def test_an_idle_export_burns_no_cpu(images: dict[str, Path], growing_file, tmp_
     wait is a condition variable, not a poll loop."""
     dest, growing = growing_file(images["qcow2"])
     with stream.export(dest, growing.size, growing, tmp_path) as nbd:
-        proc = subprocess.Popen(
-            [
-                "qemu-img",
-                "convert",
-                *stream.source_args(nbd, "qcow2"),
-                "-O",
-                "raw",
-                str(tmp_path / "out.raw"),
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        _wait_until(lambda: growing.blocked > 0)
+        proc = _blocked_convert(nbd, "qcow2", tmp_path / "out.raw", growing)
         ours, theirs = time.process_time(), _cpu_seconds(proc.pid)
         time.sleep(1.0)
         ours, theirs = time.process_time() - ours, _cpu_seconds(proc.pid) - theirs
