@@ -66,11 +66,9 @@ class StreamCopy:
         self.image, self.fmt, self.target = image, fmt, target
         self.disk_size, self.workdir = disk_size, workdir
         self.growing: stream.Growing | None = None
-        self.window: tuple[int, int] | None = None
         self.touched = False  # the disk's head was zeroed: a failure must clear it
         self.succeeded = False
         self.reason = ""  # why the stream gave up, for the log
-        self.copied = 0
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
         self.on_progress: Progress | None = None
@@ -105,12 +103,11 @@ class StreamCopy:
             self._thread.join()
         return self.succeeded
 
-    def stop(self, wait: bool = False) -> None:
+    def stop(self) -> None:
         """End the copy now (an interrupt or a failure): blocked reads fail, qemu-img exits."""
-        if not wait:
-            self._cancel.set()
-            if self.growing is not None:
-                self.growing.fail("the install is stopping")
+        self._cancel.set()
+        if self.growing is not None:
+            self.growing.fail("the install is stopping")
         if self._thread is not None:
             self._thread.join()
 
@@ -135,7 +132,6 @@ class StreamCopy:
         if virtual > self.disk_size:
             raise ValueError(f"the image's {virtual} bytes do not fit the disk")
         body = (HEAD_SIZE, max(0, virtual - HEAD_SIZE))
-        self.window = body
         blockdev.zero(self.target, [(0, min(HEAD_SIZE, self.disk_size))])
         self.touched = True
         with (
@@ -150,7 +146,6 @@ class StreamCopy:
                 args += stream.source_args(nbd, self.fmt, offset, length)
                 args += ["--target-image-opts", target_opts(self.target, (offset, length))]
                 follow(args, length, self._reporter(offset - body[0], body[1]), 6 * 3600)
-                self.copied += length
         blockdev.flush(self.target)
         log.info(
             "streamed %d bytes of %s onto %s (%d reads waited for the download)",

@@ -104,3 +104,15 @@ def build_image(path: Path, *, fmt: str = "qcow2", table: str = "gpt", size_mib:
     finally:
         raw.unlink(missing_ok=True)
     return path
+
+
+def build_odd_gpt(path: Path, size_mib: int = 32) -> Path:
+    """A valid but unusual GPT image: its entry array at LBA 2048 (``sgdisk -j``), beyond the
+    first MiB, and a hybrid MBR that also lists the ESP (``sgdisk -h``)."""
+    path.write_bytes(bytes(size_mib * 1024 * 1024))
+    for args in (
+        ["-j", "2048", "-n", "1:4096:+4M", "-t", "1:ef00", "-n", "2:0:0"],
+        ["-h", "1"],
+    ):
+        subprocess.run(["sgdisk", *args, str(path)], check=True, capture_output=True)
+    return path

@@ -31,7 +31,7 @@ from agent.inspect import (
 )
 from agent.messages import InstallError
 from agent.tools import Limits
-from demo.sample_image import build_image, build_raw
+from demo.sample_image import build_image, build_odd_gpt, build_raw
 
 MiB = 1 << 20
 TYPES = ("qcow2", "raw")
@@ -437,14 +437,7 @@ def test_gpt_checksums(tmp_path: Path, ss: int) -> None:
 def test_gpt_entries_beyond_the_first_mib_and_hybrid_mbr(tmp_path: Path, declared: str) -> None:
     """Unusual but valid: the GPT's entry array at LBA 2048 (sgdisk -j), an ESP also in a
     hybrid MBR. Inspect reads the head as far as the entries reach, as the layout does."""
-    image = tmp_path / "odd.raw"
-    image.write_bytes(bytes(32 * MiB))
-    subprocess.run(
-        ["sgdisk", "-j", "2048", "-n", "1:4096:+4M", "-t", "1:ef00", "-n", "2:0:0", str(image)],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(["sgdisk", "-h", "1", str(image)], check=True, capture_output=True)
+    image = build_odd_gpt(tmp_path / "odd.raw")
     if declared == "qcow2":
         image = to_qcow2(image, tmp_path / "odd.qcow2")
     info = inspect_image(image, declared)

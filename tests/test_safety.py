@@ -27,7 +27,7 @@ from test_install import DISK, disk_digest, fill_pattern, payload, run_cli
 from agent import blockdev, claim, workspace, writer
 from agent import messages as msg
 from agent.messages import InstallError
-from demo.sample_image import build_image, build_raw
+from demo.sample_image import build_image, build_odd_gpt, build_raw
 
 pytestmark = pytest.mark.root
 MiB = 1024 * 1024
@@ -561,14 +561,7 @@ def test_gpt_entries_not_at_lba2_and_hybrid_mbr(tmp_path, make_loop) -> None:
     stays clean, the hybrid MBR's entries are kept, and blkid finds config-2."""
     from test_layout import install, sgdisk_clean
 
-    image = tmp_path / "odd.raw"
-    image.write_bytes(bytes(32 * MiB))
-    subprocess.run(
-        ["sgdisk", "-j", "2048", "-n", "1:4096:+4M", "-t", "1:ef00", "-n", "2:0:0", str(image)],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(["sgdisk", "-h", "1", str(image)], check=True, capture_output=True)
+    image = build_odd_gpt(tmp_path / "odd.raw")
     with open(image, "rb") as f:
         head = f.read(1024)
     assert int.from_bytes(head[512 + 72 : 512 + 80], "little") == 2048  # entries LBA
