@@ -7,15 +7,10 @@ reachable through efivarfs); on a legacy-booted rescue the request is answered w
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from agent.tools import run
 
 ESP_TYPE_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-
-
-def booted_with_uefi(sys_root: Path = Path("/sys")) -> bool:
-    return (sys_root / "firmware" / "efi").is_dir()
 
 
 def find_esp(sfdisk_json: dict) -> int | None:

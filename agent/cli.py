@@ -61,6 +61,13 @@ def _target_options(p: argparse.ArgumentParser) -> None:
         "table; a failed install has overwritten the disk)",
     )
     p.add_argument(
+        "--firmware",
+        choices=("auto", "uefi", "bios"),
+        default="auto",
+        help="the firmware that will boot the disk (default: the one the rescue system booted "
+        "with); legacy BIOS cannot boot 4Kn disks, so such an install is refused",
+    )
+    p.add_argument(
         "--max-rate",
         type=_rate,
         metavar="RATE",
@@ -253,6 +260,7 @@ def _install_options(args: argparse.Namespace, hints: dict[str, str]) -> Any:
         ),
         verify=args.verify,
         stream=args.stream,
+        firmware=args.firmware,
     )
 
 

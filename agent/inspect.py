@@ -292,6 +292,9 @@ def check_fits_disk(info: ImageInfo, device: str, disk_size: int) -> None:
 
 
 def check_sector_size(info: ImageInfo, device: str, disk_sector_size: int) -> None:
-    """A GPT made for one logical sector size is unreadable on a disk with another."""
+    """A GPT made for one logical sector size is unreadable on a disk with another; an MBR
+    does not say which it was made for, and MBR images are made for 512-byte sectors."""
     if info.sector_size is not None and info.sector_size != disk_sector_size:
         raise InstallError(msg.sector_size_mismatch(info.sector_size, device, disk_sector_size))
+    if info.partition_table == "dos" and disk_sector_size != 512:
+        raise InstallError(msg.mbr_on_large_sectors(device, disk_sector_size))

@@ -160,6 +160,22 @@ def sector_size_mismatch(image_sector: int, device: str, disk_sector: int) -> st
     )
 
 
+def mbr_on_large_sectors(device: str, disk_sector: int) -> str:
+    return (
+        "image provided has an MBR partition table, which records no sector size and is laid "
+        f"out for 512-byte sectors: it cannot be installed on {device} with {disk_sector}-byte "
+        "logical sectors (use a GPT image made for that sector size, booted through UEFI)"
+    )
+
+
+def legacy_boot_sector_size(device: str, disk_sector: int) -> str:
+    return (
+        f"{device} has {disk_sector}-byte logical sectors, which legacy BIOS firmware cannot "
+        "boot from, and this server's rescue system booted in legacy BIOS mode: switch the "
+        "server to UEFI boot (or, if it boots its disks through UEFI, install with --firmware uefi)"
+    )
+
+
 UNVERIFIED_DOWNLOAD = (
     "the image server sent neither Content-Length nor chunked encoding and no checksum was "
     "given: a download cut short could not be detected; give imageCheckSum to be sure."

@@ -34,6 +34,7 @@ from agent import (
     configdrive,
     disks,
     download,
+    firmware,
     inspect,
     layout,
     memory,
@@ -62,6 +63,7 @@ class InstallOptions:
     download_settings: download.DownloadSettings | None = None
     verify: str = "sample"  # full | sample | none (agent/writer.py)
     stream: bool = False  # write while downloading (agent/streamcopy.py)
+    firmware: str = "auto"  # what boots the disk: auto | uefi | bios (agent/firmware.py)
 
 
 def download_settings(
@@ -259,6 +261,9 @@ def _install(
     with contextlib.ExitStack() as stack:
         with step("disk"):
             target = disks.select_target(options.disk, options.hints, group=request.disk_group_id)
+            firmware.check_bootable(
+                firmware.resolve(options.firmware), target.path, target.logical_sector_size
+            )
             disks.check_not_busy(target)
             pinned = claim.pin(target.path, target.major, target.minor, target.size)
             stack.enter_context(claim.locked(target.path))
@@ -488,7 +493,7 @@ def _reread(path: str) -> None:
 
 
 def _boot_entry(path: str, disk: str, status: InstallStatus) -> None:
-    if not bootloader.booted_with_uefi():
+    if not firmware.booted_with_uefi():
         status.warn(msg.EFI_ON_LEGACY)
         return
     try:

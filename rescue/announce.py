@@ -21,8 +21,8 @@ import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from agent.api import parse_listen
-from agent.bootloader import booted_with_uefi
 from agent.disks import disks_report, parse_hints
+from agent.firmware import booted_with_uefi
 from agent.redact import redact_url
 
 log = logging.getLogger("announce")

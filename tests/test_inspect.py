@@ -494,3 +494,12 @@ def test_fit_and_sector_size() -> None:
     with pytest.raises(InstallError):
         check_sector_size(info, "/dev/sdz", 4096)
     check_sector_size(info, "/dev/sdz", 512)
+
+
+def test_mbr_image_only_on_512_byte_sectors() -> None:
+    mbr = ImageInfo("raw", 100, "dos", None)
+    check_sector_size(mbr, "/dev/sdz", 512)
+    with pytest.raises(InstallError) as e:
+        check_sector_size(mbr, "/dev/nvme1n1", 4096)
+    assert e.value.message == msg.mbr_on_large_sectors("/dev/nvme1n1", 4096)
+    check_sector_size(ImageInfo("raw", 100, "gpt", 4096), "/dev/nvme1n1", 4096)

@@ -45,11 +45,15 @@ def payload(url: str, image_type: str, **extra: str) -> dict:
     }
 
 
-def install(tmp_path: Path, body: dict, disk: str) -> tuple[subprocess.CompletedProcess, dict]:
+def install(
+    tmp_path: Path, body: dict, disk: str, *extra: str
+) -> tuple[subprocess.CompletedProcess, dict]:
     f = tmp_path / "payload.json"
     f.write_text(json.dumps(body))
     work = tmp_path / "work"
-    proc = run_cli("install", "--payload", str(f), "--disk", disk, "--workdir", str(work), "--json")
+    proc = run_cli(
+        "install", "--payload", str(f), "--disk", disk, "--workdir", str(work), "--json", *extra
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     last = proc.stderr.strip().splitlines()[-1]
     assert last == result["message"], proc.stderr
@@ -171,9 +175,9 @@ def test_install_success(tmp_path, http_dir, make_loop, fmt, table, algo) -> Non
     assert files["openstack/latest/user_data"] == user_data.encode()
 
 
-def _expect_failure(tmp_path, body, disk, message, untouched=True):
+def _expect_failure(tmp_path, body, disk, message, untouched=True, extra=()):
     before = fill_pattern(disk) if untouched else None
-    proc, result = install(tmp_path, body, disk)
+    proc, result = install(tmp_path, body, disk, *extra)
     assert proc.returncode == 1
     assert result["status"] == "error"
     assert result["message"] == message, proc.stderr
@@ -400,7 +404,7 @@ def test_install_4kn_disk_gets_fat_config_drive(tmp_path, http_dir, make_loop) -
     build_4kn_image(www / "img4k.raw", make_loop)
     disk = make_loop(DISK, sector_size=4096)
     body = payload(f"{base_url}/img4k.raw", "raw", sshKey="ssh-ed25519 AAAA4k k@4k")
-    proc, result = install(tmp_path, body, disk)
+    proc, result = install(tmp_path, body, disk, "--firmware", "uefi")  # 4Kn boots by UEFI only
     assert proc.returncode == 0, proc.stderr
     verify = subprocess.run(["sgdisk", "-v", disk], capture_output=True, text=True)
     assert "No problems found" in verify.stdout, verify.stdout
@@ -431,7 +435,40 @@ def test_512_gpt_image_refused_on_4kn_disk(tmp_path, http_dir, make_loop) -> Non
         payload(f"{base_url}/img512.raw", "raw"),
         disk,
         msg.sector_size_mismatch(512, disk, 4096),
+        extra=("--firmware", "uefi"),
     )
+
+
+def test_mbr_image_refused_on_4kn_disk(tmp_path, http_dir, make_loop) -> None:
+    """An MBR says nothing of its sector size: read with 4 KiB sectors, a 512-byte image's
+    partitions would point 8 times too far. Refused after inspection, nothing written."""
+    www, base_url = http_dir
+    build_image(www / "mbr.raw", fmt="raw", table="dos", size_mib=24)
+    disk = make_loop(DISK, sector_size=4096)
+    result = _expect_failure(
+        tmp_path,
+        payload(f"{base_url}/mbr.raw", "raw"),
+        disk,
+        msg.mbr_on_large_sectors(disk, 4096),
+        extra=("--firmware", "uefi"),
+    )
+    assert result["step"] == "inspect"
+
+
+def test_4kn_disk_refused_for_legacy_boot(tmp_path, http_dir, make_loop) -> None:
+    """Legacy BIOS cannot boot a 4Kn disk (agent/firmware.py): refused at the disk step,
+    before the image is downloaded."""
+    www, base_url = http_dir
+    build_4kn_image(www / "img4k.raw", make_loop)
+    disk = make_loop(DISK, sector_size=4096)
+    result = _expect_failure(
+        tmp_path,
+        payload(f"{base_url}/img4k.raw", "raw"),
+        disk,
+        msg.legacy_boot_sector_size(disk, 4096),
+        extra=("--firmware", "bios"),
+    )
+    assert result["step"] == "disk"
 
 
 @pytest.fixture

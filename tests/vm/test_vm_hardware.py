@@ -3,13 +3,18 @@ stick and a CD-ROM.
 
 One rescue VM (booted like tests/vm/test_vm_install.py's: the host's root over 9p, the agent
 from this tree, no udevd) carries every kind of disk. Inside it the test runs
-``byoi-agent disks --json`` and then four installs in a row, pausing after each so that the
+``byoi-agent disks --json`` and then five installs in a row, pausing after each so that the
 host can fingerprint every backing file: the install with no ``--disk`` must land on the 512-byte
-NVMe (the default choice, disk group 1), ``diskGroupId`` 2 on the 4Kn NVMe, ``diskGroupId`` 3
-on the first SATA disk of the two, a ``by_path`` hint (udev's compat name, derived from sysfs)
-on the second SATA disk, each on that disk ONLY (every other backing file unchanged). Then the
-NVMe disk boots under OVMF, the 4Kn NVMe under OVMF and the first SATA disk under SeaBIOS, each
-reading its config drive.
+NVMe (the default choice, disk group 1); ``diskGroupId`` 2 (the 4Kn NVMe) is refused, because the
+rescue booted through SeaBIOS and legacy BIOS cannot boot a 4Kn disk (agent/firmware.py), with
+no disk touched; with ``--firmware uefi`` it lands on the 4Kn NVMe; ``diskGroupId`` 3
+on the first SATA disk of the two (natural name order), a ``by_path`` hint (udev's compat name,
+derived from sysfs) on the other SATA disk, each on that disk ONLY (every other backing file
+unchanged). Then the NVMe disk boots under OVMF, the 4Kn NVMe under OVMF and group 3's SATA disk
+under SeaBIOS, each reading its config drive.
+
+The guest kernel probes the AHCI ports asynchronously, so which SATA disk is ``sda`` varies from
+boot to boot: the host reads group 3 from the VM's report and only then names the hint's port.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from pathlib import Path
 import pytest
 from qmp_harness import VM, Drive, VMConfig, VMError, between, build_command, markers
 from test_vm_install import _check_tiny_os, _fingerprint, _payload
+
+from agent import messages as msg
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -50,9 +57,8 @@ BY_PATH = {
     "scsi": "pci-0000:00:11.0-scsi-0:0:1:0",
     "usb": "pci-0000:00:12.0-usb-0:1:1.0-scsi-0:0:0:0",
 }
-HINT = "pci-0000:00:1f.2-ata-2"  # udev's ID_PATH_ATA_COMPAT name of the second SATA disk
-STEPS = ("default", "group2", "group3", "hint")
-EXPECTED_TARGET = {"default": "nvme", "group2": "nvme4k", "group3": "sata1", "hint": "sata2"}
+STEPS = ("default", "legacy4kn", "group2", "group3", "hint")
+PLACED = ("default", "group2", "group3", "hint")  # the steps that install
 
 
 def _run_script(xfer: Path) -> str:
@@ -78,9 +84,11 @@ def _run_script(xfer: Path) -> str:
         "  while [ ! -e $X/$name.go ]; do sleep 0.2; done",
         "}",
         "step default",
-        "step group2",
+        "step legacy4kn",
+        "step group2 --firmware uefi",
         "step group3",
-        f"step hint --hint by_path={HINT}",
+        # the host writes hint.arg (by_path=<port of the SATA disk group 3 did not take>)
+        'step hint --hint "$(cat $X/hint.arg)"',
         "echo all-steps-ran",
     ]
     return "\n".join(lines) + "\n"
@@ -137,11 +145,34 @@ def _check_report(report: dict) -> dict[str, dict]:
     assert groups == [
         (1, "NVMe", 8 * GiB, [path["nvme"]]),
         (2, "NVMe", 9 * GiB, [path["nvme4k"]]),
-        (3, "HDD", 10 * GiB, [path["sata1"], path["sata2"]]),
+        (3, "HDD", 10 * GiB, sorted([path["sata1"], path["sata2"]])),  # sda before sdb
         (4, "HDD", 12 * GiB, [path["scsi"]]),
     ]
     assert report["chosen"] == path["nvme"]
     return disks
+
+
+def _targets(disks: dict[str, dict]) -> dict[str, str]:
+    """Where each step must land: group 3 takes the SATA disk the kernel named first."""
+    group3, other = sorted(("sata1", "sata2"), key=lambda key: disks[key]["path"])
+    return {"default": "nvme", "group2": "nvme4k", "group3": group3, "hint": other}
+
+
+def _check_legacy_refusal(xfer: Path, disks: dict[str, dict], changed: set[str]) -> None:
+    """The 4Kn group under a SeaBIOS-booted rescue: refused before the download, nothing written."""
+    result = json.loads((xfer / "legacy4kn.json").read_text().strip().splitlines()[-1])
+    device = disks["nvme4k"]["path"]
+    assert result["status"] == "error", result
+    assert result["step"] == "disk", result
+    assert result["message"] == msg.legacy_boot_sector_size(device, 4096), result
+    assert (xfer / "legacy4kn.rc").read_text().strip() == "1"
+    assert not changed, f"the refused install wrote {changed}"
+
+
+def _compat_hint(key: str) -> str:
+    """udev's ID_PATH_ATA_COMPAT form of a SATA disk's path (``...-ata-2``, no ``.0``)."""
+    assert BY_PATH[key].endswith(".0"), BY_PATH[key]
+    return f"by_path={BY_PATH[key][: -len('.0')]}"
 
 
 def _boot(disk: Path, bus: str, sector: int, firmware: str, start_vm, tmp: Path) -> str:
@@ -175,10 +206,12 @@ def test_mixed_hardware_disks_groups_and_targets(vm_fixtures, start_vm, http_dir
     xfer.mkdir()
     payloads = {
         "default": _payload(f"{base_url}/uefi.qcow2", images["uefi"], "byoi-nvme"),
+        "legacy4kn": _payload(f"{base_url}/uefi-4k.qcow2", images["uefi-4k"], "byoi-nvme-4kn"),
         "group2": _payload(f"{base_url}/uefi-4k.qcow2", images["uefi-4k"], "byoi-nvme-4kn"),
         "group3": _payload(f"{base_url}/bios.raw", images["bios"], "byoi-sata"),
         "hint": _payload(f"{base_url}/uefi.qcow2", images["uefi"], "byoi-hint"),
     }
+    payloads["legacy4kn"]["details"]["diskGroupId"] = 2
     payloads["group2"]["details"]["diskGroupId"] = 2
     payloads["group3"]["details"]["diskGroupId"] = 3
     for name, body in payloads.items():
@@ -203,12 +236,16 @@ def test_mixed_hardware_disks_groups_and_targets(vm_fixtures, start_vm, http_dir
     )
     timings: dict[str, float] = {}
     changed: dict[str, set[str]] = {}
+    targets: dict[str, str] = {}
     for step in STEPS:
         _wait_file(vm, xfer / f"{step}.done", STEP_TIMEOUT)
         timings[step] = round(time.monotonic() - t0, 1)
         now = {key: _fingerprint(f) for key, f in files.items()}
         changed[step] = {key for key in files if now[key] != prints[key]}
         prints = now
+        if step == "group3":
+            targets = _targets(_check_report(json.loads((xfer / "disks.json").read_text())))
+            (xfer / "hint.arg").write_text(_compat_hint(targets["hint"]))
         (xfer / f"{step}.go").touch()
     vm.wait_for(r"^BYOI-RESCUE-(DONE|ERROR)", 120)
     vm.wait_exit(60)
@@ -221,18 +258,15 @@ def test_mixed_hardware_disks_groups_and_targets(vm_fixtures, start_vm, http_dir
     report = json.loads((xfer / "disks.json").read_text())
     print("MIXED-VM-DISKS-JSON " + json.dumps(report))
     disks = _check_report(report)
-    for step in STEPS:
+    _check_legacy_refusal(xfer, disks, changed["legacy4kn"])
+    for step in PLACED:
         result = json.loads((xfer / f"{step}.json").read_text().strip().splitlines()[-1])
-        target = EXPECTED_TARGET[step]
+        target = targets[step]
         err = (xfer / f"{step}.err").read_text()
         assert result["status"] == "done", f"{step}: {result}\n{err}"
         assert result["disk"] == disks[target]["path"], (step, result["disk"])
         assert changed[step] == {target}, f"{step} wrote {changed[step]}, not only {target}"
-    for key in (
-        "nvme",
-        "nvme4k",
-        "sata2",
-    ):  # GPT images: the backup GPT is at the end of the new disk
+    for key in ("nvme", "nvme4k", targets["hint"]):  # GPT images: backup GPT at the new end
         verify = subprocess.run(
             ["sgdisk", "-v", str(files[key])], capture_output=True, text=True, timeout=60
         )
@@ -241,7 +275,7 @@ def test_mixed_hardware_disks_groups_and_targets(vm_fixtures, start_vm, http_dir
     boots = (  # (disk, bus, sector, firmware, hostname, boot mode, config drive fs)
         ("nvme", "nvme", 512, "uefi", "byoi-nvme", "uefi", "iso9660"),
         ("nvme4k", "nvme", 4096, "uefi", "byoi-nvme-4kn", "uefi", "vfat"),
-        ("sata1", "sata", 512, "bios", "byoi-sata", "bios", "iso9660"),
+        (targets["group3"], "sata", 512, "bios", "byoi-sata", "bios", "iso9660"),
     )
     for key, bus, sector, firmware, hostname, mode, fstype in boots:
         t1 = time.monotonic()

@@ -259,8 +259,19 @@ def test_legacy_mbr_raw_install_boots_under_seabios(vm_fixtures, start_vm, http_
 
 
 def test_4kn_uefi_install_boots_under_ovmf(vm_fixtures, start_vm, http_dir, tmp_path):
+    """The rescue itself boots under OVMF: the agent sees UEFI (agent/firmware.py) and takes
+    the 4Kn disk, which a legacy-booted rescue refuses (tests/vm/test_vm_hardware.py)."""
     _install_then_boot(
-        start_vm, vm_fixtures, http_dir, tmp_path, "uefi-4k", "uefi", "uefi", "vfat", 4096
+        start_vm,
+        vm_fixtures,
+        http_dir,
+        tmp_path,
+        "uefi-4k",
+        "uefi",
+        "uefi",
+        "vfat",
+        4096,
+        rescue_firmware="uefi",
     )
 
 
