@@ -103,6 +103,11 @@ class VMConfig:
     vars_file: Path | None = None  # OVMF NVRAM kept across VMs; made from the template if absent
 
 
+def firmware_log(serial_log: Path) -> Path:
+    """Where SeaBIOS's debug console goes, next to the serial log."""
+    return serial_log.with_name(serial_log.name.replace(".serial.log", ".firmware.log"))
+
+
 def build_command(cfg: VMConfig, qmp_socket: Path, serial_log: Path) -> list[str]:
     """The QEMU argument list for a config (pure, so it can be read and tested alone)."""
     args = [
@@ -126,6 +131,11 @@ def build_command(cfg: VMConfig, qmp_socket: Path, serial_log: Path) -> list[str
         args += [
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
+        ]  # fmt: skip
+    else:  # SeaBIOS reports on its debug port ("Boot failed: not a bootable disk", ...)
+        args += [
+            "-chardev", f"file,id=fw0,path={firmware_log(serial_log)}",
+            "-device", "isa-debugcon,iobase=0x402,chardev=fw0",
         ]  # fmt: skip
     if cfg.kernel:
         args += ["-kernel", str(cfg.kernel), "-append", cfg.append]
@@ -171,6 +181,7 @@ class VM:
     def start(self) -> None:
         self.qmp_socket.unlink(missing_ok=True)
         self.serial_log.write_bytes(b"")
+        firmware_log(self.serial_log).unlink(missing_ok=True)
         cmd = build_command(self.cfg, self.qmp_socket, self.serial_log)
         qmp = QEMUMonitorProtocol(str(self.qmp_socket), server=True)
         with open(self.stderr_log, "wb") as err:
@@ -195,6 +206,13 @@ class VM:
     def console(self) -> str:
         return self.serial_log.read_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
 
+    def firmware(self) -> str:
+        """SeaBIOS's debug console so far ("" under OVMF, which reports on the serial)."""
+        try:
+            return firmware_log(self.serial_log).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def qemu_log(self) -> str:
         try:
             return self.stderr_log.read_text(errors="replace")
@@ -204,16 +222,18 @@ class VM:
     def _tail(self, lines: int = 60) -> str:
         return "\n".join(self.console().splitlines()[-lines:])
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        """Wait until the console matches a regex; fail with the console tail on timeout."""
+    def wait_for(self, pattern: str, timeout: float, source: str = "console") -> re.Match[str]:
+        """Wait until the console (or ``source="firmware"``: SeaBIOS's debug console) matches
+        a regex; fail with the console tail on timeout."""
         rx = re.compile(pattern, re.M)
+        read = self.firmware if source == "firmware" else self.console
         deadline = time.monotonic() + timeout
         while True:
-            match = rx.search(self.console())
+            match = rx.search(read())
             if match:
                 return match
             if self.proc is not None and self.proc.poll() is not None:
-                match = rx.search(self.console())
+                match = rx.search(read())
                 if match:
                     return match
                 raise VMError(
