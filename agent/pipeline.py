@@ -19,6 +19,7 @@ cleared. Only the final table write is not cut (``deferred``).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import signal
 import threading
@@ -26,19 +27,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from agent import (
     blockdev,
     bootloader,
     claim,
-    configdrive,
     disks,
     download,
     firmware,
-    inspect,
     layout,
     memory,
-    streamcopy,
     writer,
 )
 from agent import messages as msg
@@ -48,6 +47,13 @@ from agent.payload import InstallRequest
 from agent.regions import Region
 from agent.status import InstallStatus
 from agent.workspace import clean_stale, download_area
+
+if TYPE_CHECKING:
+    from agent import inspect, streamcopy
+
+# What only the steps after the download need (oslo.utils' format inspector, pycdlib: about a
+# tenth of a second of imports): imported in the background while the image downloads.
+LATER_MODULES = ("agent.inspect", "agent.configdrive", "agent.streamcopy")
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +285,8 @@ def _install(
         with job.clearing():
             _fetch(request, options, status, step, signals, job, budget)
             with step("inspect"):
+                from agent import inspect
+
                 info = inspect.inspect_image(job.image, request.image_type)
                 inspect.check_fits_disk(info, target.path, target.size)
                 inspect.check_sector_size(info, target.path, target.logical_sector_size)
@@ -291,6 +299,22 @@ def _install(
             _boot_entry(request.efi_bootloader_path, target.path, status)
 
     status.finish(msg.install_done(target.path))
+
+
+def preload(names: tuple[str, ...]) -> threading.Thread:
+    """Import ``names`` in a daemon thread (the import lock makes a step that needs one of them
+    wait for it); a failure is left for that step to meet and report."""
+
+    def run() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:
+                log.debug("preloading %s failed: %s", name, exc)
+
+    thread = threading.Thread(target=run, name="preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def _fetch(
@@ -313,6 +337,7 @@ def _fetch(
             stream_progress(done, total)
 
     with step("download"):
+        preload(LATER_MODULES)
         result = download.download(
             request.image_url,
             job.image,
@@ -342,6 +367,8 @@ def _prepare(
     stale: list[Region],
 ) -> tuple[Path, layout.DiskPlan]:
     """Build the config drive and plan the whole disk: every refusal before the first write."""
+    from agent import configdrive
+
     drive = area / "configdrive.img"
     try:
         configdrive.build_drive(request, drive, sector_size=target.logical_sector_size)
@@ -385,6 +412,8 @@ class _WriteJob:
         """--stream: hold the disk now and let the body follow the download."""
         disks.check_not_busy(self.target)
         self.fd = stack.enter_context(claim.hold(self.pinned))
+        from agent import streamcopy
+
         self.stream = streamcopy.StreamCopy(
             self.image, self.request.image_type, self.target.path, self.target.size, area
         )
