@@ -31,6 +31,7 @@ import logging
 import ssl
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -111,11 +112,16 @@ def download(
     memory_budget: int | None,
     on_progress: ProgressCallback | None = None,
     settings: DownloadSettings | None = None,
+    on_idle: Callable[[], None] | None = None,
 ) -> DownloadResult:
     """Download ``url`` into ``dest``; returns its size and its ``checksum_type`` digest.
 
     Raises ``InstallError`` with OVHcloud's download or memory message; ``dest`` is removed then,
-    and also when ``on_progress`` raises (its exception propagates unchanged).
+    and also when ``on_progress`` raises (its exception propagates unchanged). ``on_idle`` is
+    called about once a second while no byte comes (a stalled body, a wait between attempts),
+    so that a stop request can end the download then; its exception propagates the same way.
+    A body read through httpx itself (chunked, or TLS through a proxy tunnel) is only seen idle
+    at its stall timeout.
     """
     settings = settings or DownloadSettings()
     shown = redact_url(url)
@@ -136,7 +142,7 @@ def download(
             max_rate=settings.max_rate,
         )
         try:
-            transfer = _Transfer(target, headers, sink, settings)
+            transfer = _Transfer(target, headers, sink, settings, on_idle)
             transfer.run(auth)
             digest = sink.finish()
         finally:
@@ -216,9 +222,15 @@ class _Transfer:
     """The attempts of one download: the client, the retry loop, and each answer's handling."""
 
     def __init__(
-        self, url: str, headers: dict[str, str], sink: Sink, settings: DownloadSettings
+        self,
+        url: str,
+        headers: dict[str, str],
+        sink: Sink,
+        settings: DownloadSettings,
+        on_idle: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
+        self.on_idle = on_idle
         self.origin = _origin(httpx.URL(url))
         self.headers = dict(headers)
         self.sink = sink
@@ -246,6 +258,7 @@ class _Transfer:
                 wait=self._wait,
                 stop=self._stop,
                 before_sleep=self._log_retry,
+                sleep=self._sleep,
                 reraise=True,
             )
             retrying(self._attempt, client)
@@ -283,6 +296,14 @@ class _Transfer:
     def _wait(self, state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         return self.policy.delay(exc.retry_after if isinstance(exc, _Transient) else None)
+
+    def _sleep(self, seconds: float) -> None:
+        """The wait between attempts, in slices of at most a second with ``on_idle`` between."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 1.0))
+            if self.on_idle:
+                self.on_idle()
 
     def _stop(self, state: tenacity.RetryCallState) -> bool:
         reason = self.policy.gives_up(state.upcoming_sleep)
@@ -345,7 +366,7 @@ class _Transfer:
             length = resume.content_length(response.headers)
             raw = None
             if length is not None and "transfer-encoding" not in response.headers:
-                raw = httpx_shim.raw_body(response, length, self.s.stall_timeout)
+                raw = httpx_shim.raw_body(response, length, self.s.stall_timeout, self.on_idle)
             for chunk in raw if raw is not None else response.iter_raw():
                 self.sink.take(chunk)
                 if self.policy.timed_out():

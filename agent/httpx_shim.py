@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpcore
 import httpx
@@ -78,10 +78,22 @@ class RawBody:
 
     Each chunk is a view of that buffer, valid until the next one is asked for (the sink writes
     it at once). Errors are httpx's, so the retry rule sees what it would see from httpx.
+    ``on_idle`` is called about every ``IDLE_TICK`` seconds of silence (an exception from it
+    ends the body: a stop request reaches a stalled download at once, not after ``timeout``).
     """
 
-    def __init__(self, sock: socket.socket, buffered: bytes, length: int, timeout: float) -> None:
+    IDLE_TICK = 1.0
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        buffered: bytes,
+        length: int,
+        timeout: float,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
         self._sock, self._buffered, self._length, self._timeout = sock, buffered, length, timeout
+        self._on_idle = on_idle
         self.excess = len(buffered) > length
 
     def __iter__(self) -> Iterator[bytes | memoryview]:
@@ -90,12 +102,19 @@ class RawBody:
         if first:
             yield first
         buf = memoryview(bytearray(min(max(left, 1), 1024 * 1024)))
-        self._sock.settimeout(self._timeout)
+        tick = min(self._timeout, self.IDLE_TICK) if self._on_idle else self._timeout
+        self._sock.settimeout(tick)
+        silent = 0.0
         while left > 0:
             try:
                 n = self._sock.recv_into(buf, min(left, len(buf)))
             except TimeoutError as exc:
-                raise httpx.ReadTimeout(f"no byte for {self._timeout:.0f} s") from exc
+                silent += tick
+                if silent >= self._timeout:
+                    raise httpx.ReadTimeout(f"no byte for {self._timeout:.0f} s") from exc
+                if self._on_idle:
+                    self._on_idle()
+                continue
             except OSError as exc:
                 raise httpx.ReadError(str(exc)) from exc
             if n == 0:
@@ -103,6 +122,7 @@ class RawBody:
                     "peer closed connection without sending complete message body"
                 )
             left -= n
+            silent = 0.0
             yield buf[:n]
         if not self.excess:
             with contextlib.suppress(OSError):
@@ -110,7 +130,12 @@ class RawBody:
                 self.excess = bool(self._sock.recv(1, socket.MSG_PEEK))
 
 
-def raw_body(response: httpx.Response, length: int, timeout: float) -> RawBody | None:
+def raw_body(
+    response: httpx.Response,
+    length: int,
+    timeout: float,
+    on_idle: Callable[[], None] | None = None,
+) -> RawBody | None:
     """A ``RawBody`` for the rest of this response's body, or None (then use ``iter_raw``):
     only for a plain HTTP/1.1 socket stream (TLS included, not TLS inside a proxy tunnel)."""
     stream = response.extensions.get("network_stream")
@@ -120,4 +145,4 @@ def raw_body(response: httpx.Response, length: int, timeout: float) -> RawBody |
     sock = stream.get_extra_info("socket")
     if not isinstance(sock, socket.socket):
         return None
-    return RawBody(sock, trailing[0], length, timeout)
+    return RawBody(sock, trailing[0], length, timeout, on_idle)

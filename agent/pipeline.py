@@ -347,6 +347,7 @@ def _fetch(
             memory_budget=budget,
             on_progress=signals.watching(progress),
             settings=options.download_settings,
+            on_idle=signals.check,
         )
         if job.stream is not None:
             job.stream.progress(result.size, result.size)

@@ -1039,25 +1039,45 @@ def test_full_install_through_the_api(
     assert TOKEN not in log_text
 
 
-@pytest.mark.root
-@needs_root
-def test_sigterm_mid_download_ends_promptly(tmp_path: Path, make_loop: Any) -> None:
-    """SIGTERM to a real `serve` while its install downloads (slowly: 50 s to go): the
-    install ends at once with the interrupted message, the final callback carries it, and
-    the process exits 0 without waiting for the download."""
-    from badserver import BadServer, send_head
-    from test_callbacks import Orchestrator
+def _slow(server: Any, sock: socket.socket, req: Any, n: int) -> None:
+    from badserver import send_head
 
     size = 32 * MiB
+    send_head(sock, "200 OK", {"Content-Length": size, "ETag": '"s"'})
+    for _ in range(size // (64 * 1024)):  # 640 KiB/s: a download that takes a while
+        sock.sendall(b"\0" * (64 * 1024))
+        server.sleep(0.1)
 
-    def stalls(server: BadServer, sock: socket.socket, req: Any, n: int) -> None:
-        send_head(sock, "200 OK", {"Content-Length": size, "ETag": '"s"'})
-        for _ in range(size // (64 * 1024)):  # 640 KiB/s: a download that takes a while
-            sock.sendall(b"\0" * (64 * 1024))
-            server.sleep(0.1)
+
+def _stalled(server: Any, sock: socket.socket, req: Any, n: int) -> None:
+    from badserver import send_head
+
+    send_head(sock, "200 OK", {"Content-Length": 32 * MiB, "ETag": '"s"'})
+    sock.sendall(b"\0" * MiB)
+    server.sleep(120)  # then not a byte (the stall limit is 60 s)
+
+
+def _unavailable(server: Any, sock: socket.socket, req: Any, n: int) -> None:
+    from badserver import send_head
+
+    send_head(sock, "503 Service Unavailable", {"Retry-After": 120, "Content-Length": 0})
+
+
+@pytest.mark.root
+@needs_root
+@pytest.mark.parametrize(
+    "behaviour", [_slow, _stalled, _unavailable], ids=["slow", "stalled", "retry-wait"]
+)
+def test_sigterm_mid_download_ends_promptly(tmp_path: Path, make_loop: Any, behaviour) -> None:
+    """SIGTERM to a real `serve` while its install downloads: slowly (50 s to go), stalled
+    (no byte for longer than the stall limit) or waiting to retry a 503 (Retry-After: 120).
+    The install ends at once with the interrupted message, the final callback carries it, and
+    the process exits 0 without waiting for the download."""
+    from badserver import BadServer
+    from test_callbacks import Orchestrator
 
     images = BadServer(b"").start()
-    images.routes["/img"] = stalls
+    images.routes["/img"] = behaviour
     orch = Orchestrator()
     orch.listen()
     disk = make_loop(64 * MiB)
@@ -1070,10 +1090,10 @@ def test_sigterm_mid_download_ends_promptly(tmp_path: Path, make_loop: Any) -> N
             )
             wait_status(url, final=("doing",))
             deadline = time.monotonic() + 30
-            while not any((tmp_path / "work").glob("byoi-*/image")):  # bytes are arriving
+            while not images.count("/img"):  # the image server was asked
                 assert time.monotonic() < deadline, "the download never started"
                 time.sleep(0.05)
-            time.sleep(0.5)
+            time.sleep(1.5)  # into the slow transfer, the stall or the wait
             assert checked.get(f"{url}/install/status", headers=AUTH).json()["step"] == "download"
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
@@ -1082,7 +1102,8 @@ def test_sigterm_mid_download_ends_promptly(tmp_path: Path, make_loop: Any) -> N
     finally:
         images.stop()
         orch.stop()
-    print(f"serve exited {stopped_in:.2f} s after SIGTERM, mid-download")
+    print(f"serve exited {stopped_in:.2f} s after SIGTERM, mid-download ({behaviour.__name__})")
+    assert stopped_in < 10, stopped_in  # the stall limit (60 s) or the Retry-After (120 s) not
     final = orch.received[-1]
     assert (final["status"], final["message"]) == ("error", msg.interrupted("download"))
     assert str(tmp_path / "work") not in Path("/proc/mounts").read_text()

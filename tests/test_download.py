@@ -624,3 +624,77 @@ def test_drop_through_a_proxy_resumes_only_from_its_cache(
     assert_ok(fetch(url, out), out)
     second = server.requests[1].header("range")
     assert (second == f"bytes={len(PAYLOAD) // 2}-") if resumed else (second is None)
+
+
+# --- a stop request reaches a download that is waiting -------------------------------------------
+
+
+class Stop(Exception):
+    """What a stop request raises from ``on_idle`` (the pipeline's Interrupted)."""
+
+
+def _stop_after(seconds: float):  # type: ignore[no-untyped-def]
+    """An ``on_idle`` that raises once ``seconds`` have passed; the calls it saw."""
+    t0 = time.monotonic()
+    calls: list[float] = []
+
+    def on_idle() -> None:
+        calls.append(time.monotonic() - t0)
+        if calls[-1] >= seconds:
+            raise Stop()
+
+    return on_idle, calls
+
+
+def test_stalled_body_sees_a_stop_within_a_second(server: BadServer, out: Path) -> None:
+    """No byte for 30 s (the stall limit is 60 s): ``on_idle`` runs every second, and its
+    exception ends the download at once, the partial file removed."""
+
+    @route(server, "/img")
+    def _(s, sock, req, n):  # type: ignore[no-untyped-def]
+        serve(s, sock, req, cut_at=100_000)  # never closes: stalls
+        s.sleep(30)
+
+    on_idle, calls = _stop_after(1.5)
+    t0 = time.monotonic()
+    with pytest.raises(Stop):
+        fetch(server.url("/img"), out, settings=DownloadSettings(), on_idle=on_idle)
+    assert time.monotonic() - t0 < 4
+    assert len(calls) >= 2 and all(b - a >= 0.9 for a, b in zip(calls, calls[1:])), calls
+    assert not out.exists()
+    assert server.count("/img") == 1  # stopped, not retried
+
+
+def test_retry_wait_sees_a_stop(server: BadServer, out: Path) -> None:
+    """A 503 with Retry-After: 30: the wait before the next attempt is cut by a stop."""
+
+    @route(server, "/img")
+    def _(s, sock, req, n):  # type: ignore[no-untyped-def]
+        send_head(sock, "503 Service Unavailable", {"Retry-After": 30, "Content-Length": 0})
+
+    on_idle, calls = _stop_after(1.0)
+    t0 = time.monotonic()
+    with pytest.raises(Stop):
+        fetch(server.url("/img"), out, settings=DownloadSettings(), on_idle=on_idle)
+    assert time.monotonic() - t0 < 4
+    assert server.count("/img") == 1
+    assert not out.exists()
+
+
+def test_idle_hook_does_not_shorten_the_stall_limit(server: BadServer, out: Path) -> None:
+    """With a hook that never stops, a stall still fails at the stall limit, not before."""
+
+    @route(server, "/img")
+    def _(s, sock, req, n):  # type: ignore[no-untyped-def]
+        send_head(sock, "200 OK", {"Content-Length": len(PAYLOAD)})
+        s.sleep(30)
+
+    calls: list[float] = []
+    settings = DownloadSettings(stall_timeout=2.0, max_attempts=1, backoff_initial=0.01)
+    t0 = time.monotonic()
+    with pytest.raises(InstallError) as exc:
+        fetch(server.url("/img"), out, settings=settings, on_idle=lambda: calls.append(1))
+    elapsed = time.monotonic() - t0
+    assert "Timeout" in exc.value.detail
+    assert 1.9 <= elapsed < 6, elapsed
+    assert len(calls) >= 1
