@@ -437,6 +437,63 @@ def test_crashed_agent_tmpfs_is_cleaned_on_the_next_run(tmp_path) -> None:
             subprocess.run(["umount", "-l", str(area)], capture_output=True)
 
 
+def _mount_options(path: Path) -> list[str]:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(path):
+            return fields[3].split(",")
+    return []
+
+
+def test_download_area_is_its_own_tmpfs_on_a_small_tmpfs(tmp_path) -> None:
+    """A work directory on a tmpfs smaller than the memory budget (a rescue's /run is capped
+    at half the RAM): the area is a tmpfs of its own, capped at the budget, so an image
+    larger than the outer tmpfs still fits."""
+    work = tmp_path / "run"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "outer", str(work)], check=True)
+    try:
+        with workspace.download_area(work, 96 * MiB) as area:
+            options = _mount_options(area)
+            assert options, f"{area} is not a mount point of its own"
+            assert "size=98304k" in options, options
+            with open(area / "image", "wb") as f:
+                for _ in range(48):  # 48 MiB: three times the outer tmpfs
+                    f.write(b"\1" * MiB)
+        assert str(work) + "/" not in Path("/proc/mounts").read_text()
+    finally:
+        subprocess.run(["umount", "-l", str(work)], capture_output=True)
+
+
+def test_download_area_where_no_mount_is_allowed(tmp_path, monkeypatch) -> None:
+    """A container that refuses mount(2): a work directory on tmpfs is used as it is; one on
+    another filesystem is an error (the image must live in RAM)."""
+    from agent.tools import ToolError
+
+    real_run = workspace.run
+
+    def no_mount(args, **kw):  # type: ignore[no-untyped-def]
+        if args[0] == "mount":
+            raise ToolError("mount: permission denied (are you root?)")
+        return real_run(args, **kw)
+
+    work = tmp_path / "run"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "outer", str(work)], check=True)
+    monkeypatch.setattr(workspace, "run", no_mount)
+    try:
+        with workspace.download_area(work, 96 * MiB) as area:
+            assert not _mount_options(area) and workspace.filesystem_type(area) == "tmpfs"
+        assert not any(work.iterdir())
+    finally:
+        subprocess.run(["umount", "-l", str(work)], capture_output=True)
+    disk_dir = tmp_path / "on-disk"
+    disk_dir.mkdir()
+    if workspace.filesystem_type(disk_dir) != "tmpfs":
+        with pytest.raises(ToolError), workspace.download_area(disk_dir, 96 * MiB):
+            pass
+
+
 def test_relative_and_non_empty_workdir(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("rel").mkdir()
