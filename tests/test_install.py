@@ -426,49 +426,35 @@ def test_install_4kn_disk_gets_fat_config_drive(tmp_path, http_dir, make_loop) -
     assert json.loads(meta)["public_keys"] == {"key-0": "ssh-ed25519 AAAA4k k@4k"}
 
 
-def test_512_gpt_image_refused_on_4kn_disk(tmp_path, http_dir, make_loop) -> None:
-    www, base_url = http_dir
-    build_image(www / "img512.raw", fmt="raw", table="gpt", size_mib=24)
-    disk = make_loop(DISK, sector_size=4096)
-    _expect_failure(
-        tmp_path,
-        payload(f"{base_url}/img512.raw", "raw"),
-        disk,
-        msg.sector_size_mismatch(512, disk, 4096),
-        extra=("--firmware", "uefi"),
-    )
+REFUSED_ON_4KN = {  # image kind: (firmware that boots the disk, expected message, step)
+    "gpt-512": ("uefi", lambda disk: msg.sector_size_mismatch(512, disk, 4096), "inspect"),
+    "mbr": ("uefi", lambda disk: msg.mbr_on_large_sectors(disk, 4096), "inspect"),
+    "gpt-4k-legacy": ("bios", lambda disk: msg.legacy_boot_sector_size(disk, 4096), "disk"),
+}
 
 
-def test_mbr_image_refused_on_4kn_disk(tmp_path, http_dir, make_loop) -> None:
-    """An MBR says nothing of its sector size: read with 4 KiB sectors, a 512-byte image's
-    partitions would point 8 times too far. Refused after inspection, nothing written."""
+@pytest.mark.parametrize("kind", list(REFUSED_ON_4KN))
+def test_refused_on_4kn_disk(tmp_path, http_dir, make_loop, kind) -> None:
+    """What a 4Kn disk cannot take, refused with nothing written: a GPT made for 512-byte
+    sectors; an MBR image (it says nothing of its sector size: read with 4 KiB sectors, a
+    512-byte image's partitions would point 8 times too far); and any image when legacy BIOS
+    will boot the disk (agent/firmware.py), refused at the disk step, before the download."""
     www, base_url = http_dir
-    build_image(www / "mbr.raw", fmt="raw", table="dos", size_mib=24)
+    image = www / f"{kind}.raw"
+    if kind == "gpt-4k-legacy":
+        build_4kn_image(image, make_loop)
+    else:
+        build_image(image, fmt="raw", table="gpt" if kind == "gpt-512" else "dos", size_mib=24)
     disk = make_loop(DISK, sector_size=4096)
+    firmware, expected, step = REFUSED_ON_4KN[kind]
     result = _expect_failure(
         tmp_path,
-        payload(f"{base_url}/mbr.raw", "raw"),
+        payload(f"{base_url}/{image.name}", "raw"),
         disk,
-        msg.mbr_on_large_sectors(disk, 4096),
-        extra=("--firmware", "uefi"),
+        expected(disk),
+        extra=("--firmware", firmware),
     )
-    assert result["step"] == "inspect"
-
-
-def test_4kn_disk_refused_for_legacy_boot(tmp_path, http_dir, make_loop) -> None:
-    """Legacy BIOS cannot boot a 4Kn disk (agent/firmware.py): refused at the disk step,
-    before the image is downloaded."""
-    www, base_url = http_dir
-    build_4kn_image(www / "img4k.raw", make_loop)
-    disk = make_loop(DISK, sector_size=4096)
-    result = _expect_failure(
-        tmp_path,
-        payload(f"{base_url}/img4k.raw", "raw"),
-        disk,
-        msg.legacy_boot_sector_size(disk, 4096),
-        extra=("--firmware", "bios"),
-    )
-    assert result["step"] == "disk"
+    assert result["step"] == step
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from qmp_harness import VM, Drive, VMConfig, VMError, between, build_command, markers
-from test_vm_install import _check_tiny_os, _fingerprint, _payload
+from test_vm_install import _check_tiny_os, _fingerprint, _payload, overlay_boot
 
 from agent import messages as msg
 
@@ -177,20 +177,12 @@ def _compat_hint(key: str) -> str:
 
 def _boot(disk: Path, bus: str, sector: int, firmware: str, start_vm, tmp: Path) -> str:
     """Boot an installed backing file through a qcow2 overlay on ``bus``; its console."""
-    overlay = tmp / f"boot-{disk.stem}.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(disk), "-F", "raw", str(overlay)],
-        check=True,
-        timeout=60,
-    )
-    vm = start_vm(
-        name=f"boot-{disk.stem}-{firmware}",
-        memory_mb=512,
-        firmware=firmware,
-        drives=[Drive(overlay, fmt="qcow2", bus=bus, sector=sector, bootindex=0, serial="BOOT-1")],
-    )
-    vm.wait_for(r"^BYOI-TINY-DONE", BOOT_TIMEOUT)
-    vm.wait_exit(60)
+    with overlay_boot(
+        start_vm, disk, tmp, name=f"boot-{disk.stem}-{firmware}", firmware=firmware,
+        bus=bus, sector=sector, bootindex=0, serial="BOOT-1",
+    ) as vm:  # fmt: skip
+        vm.wait_for(r"^BYOI-TINY-DONE", BOOT_TIMEOUT)
+        vm.wait_exit(60)
     return vm.console()
 
 

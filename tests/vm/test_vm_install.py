@@ -13,6 +13,7 @@ agent, not the firmware, left a correct GPT.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,43 @@ def _rescue_install(
     return result
 
 
+@contextlib.contextmanager
+def overlay_boot(
+    start_vm, disk: Path, tmp: Path, *, name: str, firmware: str, vars_file=None, **drive
+) -> Iterator[VM]:
+    """Boot ``disk`` through a qcow2 overlay (``drive``: the overlay's ``Drive`` fields); once
+    the block is done with the VM, stop it and check that neither firmware nor guest wrote to
+    the disk: the base unchanged and the overlay identical to it (OVMF repairs a broken backup
+    GPT while booting, so only an untouched overlay proves the agent's GPT)."""
+    before = _fingerprint(disk)
+    overlay = tmp / f"overlay-{name}.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(disk), "-F", "raw", str(overlay)],
+        check=True,
+        timeout=60,
+    )
+    vm = start_vm(
+        name=name,
+        memory_mb=512,
+        firmware=firmware,
+        drives=[Drive(overlay, fmt="qcow2", **drive)],
+        vars_file=vars_file,
+    )
+    block = {b["device"]: b for b in vm.command("query-block")}["disk0"]["inserted"]
+    assert block["file"] == str(overlay)
+    assert block["backing_file"] == str(disk)
+    yield vm
+    vm.stop()
+    assert _fingerprint(disk) == before, "the base disk changed during the boot"
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(disk), str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cmp.returncode == 0, f"firmware or guest wrote to the disk: {cmp.stdout}{cmp.stderr}"
+
+
 def _boot_installed(
     start_vm,
     fixtures: dict,
@@ -147,37 +186,16 @@ def _boot_installed(
     tmp: Path,
     vars_file: Path | None = None,
 ) -> str:
-    """Boot the installed disk through a qcow2 overlay; check nothing wrote to it; the console."""
-    before = _fingerprint(disk)
-    overlay = tmp / "overlay.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(disk), "-F", "raw", str(overlay)],
-        check=True,
-        timeout=60,
-    )
-    vm = start_vm(
-        name=f"boot-{firmware}",
-        memory_mb=512,
-        firmware=firmware,
-        # With an NVRAM from the install, no bootindex: the firmware follows its BootOrder.
-        drives=[Drive(overlay, fmt="qcow2", sector=sector, bootindex=None if vars_file else 0)],
-        vars_file=vars_file,
-    )
-    block = {b["device"]: b for b in vm.command("query-block")}["disk0"]["inserted"]
-    assert block["file"] == str(overlay)
-    assert block["backing_file"] == str(disk)
-    vm.wait_for(r"^BYOI-TINY-DONE", BOOT_TIMEOUT)
-    vm.wait_exit(60)
-    console = vm.console()
-    assert _fingerprint(disk) == before, "the base disk changed during the boot"
-    cmp = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(disk), str(overlay)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert cmp.returncode == 0, f"firmware or guest wrote to the disk: {cmp.stdout}{cmp.stderr}"
-    return console
+    """Boot the installed disk through a qcow2 overlay, to the tiny OS's end; the console."""
+    # With an NVRAM from the install, no bootindex: the firmware follows its BootOrder.
+    bootindex = None if vars_file else 0
+    with overlay_boot(
+        start_vm, disk, tmp, name=f"boot-{firmware}", firmware=firmware, vars_file=vars_file,
+        sector=sector, bootindex=bootindex,
+    ) as vm:  # fmt: skip
+        vm.wait_for(r"^BYOI-TINY-DONE", BOOT_TIMEOUT)
+        vm.wait_exit(60)
+    return vm.console()
 
 
 def _check_tiny_os(console: str, hostname: str, bootmode: str, fstype: str, sector: int) -> None:
