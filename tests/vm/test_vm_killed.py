@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_killed_install_does_not_boot(
     image = vm_fixtures["images"][image_name]
     www, base_url = http_dir
     src = Path(image["path"])
-    os.link(src, www / src.name)
+    shutil.copyfile(src, www / src.name)  # the fixtures may be on another filesystem
     body = _payload(f"{base_url}/{src.name}", image, f"byoi-killed-{image_name}")
     dev = make_loop(DISK_SIZE, name="disk.raw")
     disk = tmp_path / "disk.raw"
