@@ -75,7 +75,7 @@ class DownloadSettings:
     verify_tls: bool = True
     trust_env: bool = True  # HTTP(S)_PROXY / NO_PROXY / SSL_CERT_FILE
     read_size: int = 256 * 1024
-    hash_block: int = 8 * MiB
+    hash_block: int = 4 * MiB  # one of the blocks the download gathers, writes and hashes
     progress_interval: float = 0.1
     user_agent: str = "byoi-agent"
 

@@ -4,13 +4,14 @@ Why it looks like this:
 
 - The image lands in RAM (tmpfs), so the budget is enforced before the first byte when the
   server announces a length, and again on every chunk (the length may be missing or false).
-- The receiving thread writes each chunk to the file; a hashing thread follows behind, reading
-  the file back in large blocks. hashlib releases the GIL on large buffers, so hashing overlaps
-  the network instead of adding its time, and the peak RSS stays at one block whatever the
-  image size (the file in tmpfs is the only buffer).
-- A chunk of zeros is not written but left as a hole (the file is only extended): a raw image's
-  empty space then costs no RAM, and ``qemu-img convert`` skips it by SEEK_HOLE. Every byte is
-  still hashed (a hole reads back as zeros).
+- The receiving thread gathers the bytes into blocks of megabytes, writes each full block to
+  the file and hands it to a hashing thread. hashlib releases the GIL on large buffers, so
+  hashing overlaps the network instead of adding its time, and the peak RSS stays at a few
+  blocks whatever the image size. The file holds ``written`` bytes; up to one block more has
+  been taken (``done``) and waits in memory. Progress reports what is in the file.
+- An all-zero MiB of a block is not written but left as a hole (the file is only extended): a
+  raw image's empty space then costs no RAM, and ``qemu-img convert`` skips it by SEEK_HOLE.
+  Every byte is still hashed.
 - ``on_progress`` is called at most every ``progress_interval`` and on every state change; it
   may raise to cancel the download, and its exception reaches the caller unchanged.
 - An optional bandwidth cap (a token bucket of one second) for operators sharing a link.
@@ -18,11 +19,13 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.checksum import new_hasher
 
@@ -43,7 +46,8 @@ class Overrun(Exception):
 
 
 class Sink:
-    """The local copy of one download: ``done`` bytes written (and being hashed) so far."""
+    """The local copy of one download: ``done`` bytes taken so far, ``written`` of them in the
+    file (the rest wait in the current block, which is written when full or at ``finish``)."""
 
     def __init__(
         self,
@@ -59,13 +63,16 @@ class Sink:
         self.dest = dest
         self.budget = budget
         self.done = 0
+        self.written = 0
         self.total: int | None = None
         self._on_progress = on_progress
         self._interval = progress_interval
         self._last_call = 0.0
         self._limit = RateLimit(max_rate) if max_rate else None
         self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self.hasher = _Hasher(checksum_type, dest, hash_block) if checksum_type else None
+        self.hasher = _Hasher(checksum_type, hash_block) if checksum_type else None
+        self._block = self.hasher.free_block() if self.hasher else memoryview(bytearray(hash_block))
+        self._fill = 0
 
     def expect(self, total: int | None, source: str) -> None:
         """The server announced the file's size: refuse it now if it cannot fit."""
@@ -80,49 +87,59 @@ class Sink:
             raise Overrun(f"the server sent more than its announced {self.total} bytes")
         if self.budget is not None and end > self.budget:
             raise TooBig(f"received {end} bytes, over the memory budget of {self.budget}")
-        try:
-            self._write(chunk)
-        except OSError as exc:
-            if exc.errno == 28:  # ENOSPC: the tmpfs is full
-                raise TooBig(f"writing {self.dest}: {exc}") from None
-            raise WriteFailed(f"writing {self.dest}: {exc}") from None
-        if self.hasher:
-            self.hasher.advance(self.done)
+        view = memoryview(chunk)
+        while view:
+            n = min(len(view), len(self._block) - self._fill)
+            self._block[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            self.done += n
+            view = view[n:]
+            if self._fill == len(self._block):
+                self._flush()
         if self._limit:
             self._limit.take(len(chunk))
         self.progress()
 
-    def _write(self, chunk: bytes | memoryview) -> None:
-        # memcmp against a zero buffer: stops at the first non-zero byte of real data
-        if chunk and _ZEROS.startswith(chunk):
-            self.done += len(chunk)
-            os.ftruncate(self.fd, self.done)  # a hole: extends the file, allocates nothing
+    def _flush(self) -> None:
+        """Write the current block to the file and hand it to the hasher."""
+        if not self._fill:
             return
-        view = memoryview(chunk)
-        while view:
-            written = os.pwrite(self.fd, view, self.done)
-            view = view[written:]
-            self.done += written
+        block = self._block[: self._fill]
+        try:
+            _write_sparse(self.fd, block, self.written)
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC: the tmpfs is full
+                raise TooBig(f"writing {self.dest}: {exc}") from None
+            raise WriteFailed(f"writing {self.dest}: {exc}") from None
+        self.written += self._fill
+        self._fill = 0
+        if self.hasher:
+            self.hasher.submit(block)
+            self._block = self.hasher.free_block()
 
     def restart(self) -> None:
         """Drop what we have: the next bytes are the file's first."""
         os.ftruncate(self.fd, 0)
-        self.done = 0
+        self.done = self.written = self._fill = 0
         self.total = None
         if self.hasher:
             self.hasher.reset()
         self.progress(force=True)
 
     def progress(self, force: bool = False) -> None:
+        """Report the bytes in the file (a reader of the file, the stream, relies on that)."""
         if not self._on_progress:
             return
         now = time.monotonic()
         if force or now - self._last_call >= self._interval:
             self._last_call = now
-            self._on_progress(self.done, self.total)
+            self._on_progress(self.written, self.total)
 
     def finish(self) -> str | None:
-        """The hex digest once every byte is hashed (None without a checksum type)."""
+        """Write what is left; the hex digest once every byte is hashed (None without a
+        checksum type)."""
+        self._flush()
+        self.progress(force=True)
         hasher, self.hasher = self.hasher, None
         return hasher.finish() if hasher else None
 
@@ -133,6 +150,25 @@ class Sink:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _write_sparse(fd: int, data: memoryview, offset: int) -> None:
+    """Write ``data`` at ``offset``, leaving each all-zero MiB of it as a hole."""
+    hole_at_end = False
+    for start in range(0, len(data), len(_ZEROS)):
+        piece = data[start : start + len(_ZEROS)]
+        # memcmp against a zero buffer: stops at the first non-zero byte of real data
+        hole_at_end = _ZEROS.startswith(piece)
+        if hole_at_end:
+            continue
+        at = offset + start
+        while piece:
+            n = os.pwrite(fd, piece, at)
+            piece, at = piece[n:], at + n
+    if hole_at_end:
+        os.ftruncate(
+            fd, offset + len(data)
+        )  # the block ended in a hole: extends the file, allocates nothing
 
 
 class RateLimit:
@@ -154,74 +190,72 @@ class RateLimit:
 
 
 class _Hasher:
-    """A thread hashing the file behind the writer, in large blocks read back from tmpfs.
+    """A thread hashing the download's blocks after the receiving thread has written them.
 
-    Reading back (a memory copy on tmpfs, GIL released) lets each ``update`` cover megabytes, so
-    the hashing thread takes the GIL a few times per block instead of once per network chunk:
-    measured, hashing 256 KiB pieces handed through a queue lost up to half the hash speed to GIL
-    hand-overs with the receiving thread. The file itself is the buffer: no queue to bound, and
-    the RSS holds one block.
+    The blocks are the receiving thread's own buffers, handed over once written (a pool of
+    ``BLOCKS``: one filling, one waiting, one hashing), so every byte is hashed from memory it
+    is already in. Measured on a 725 MB image, reading the tmpfs file back instead cost 0.29 s
+    of CPU (page-cache lookups and a copy). Each ``update`` covers megabytes with the GIL
+    released: hashing 256 KiB pieces handed through a queue lost up to half the hash speed to
+    GIL hand-overs with the receiving thread. The RSS holds ``BLOCKS`` blocks whatever the
+    image size.
     """
 
-    def __init__(self, checksum_type: str, path: Path, block: int) -> None:
+    BLOCKS = 3
+
+    def __init__(self, checksum_type: str, block: int) -> None:
         self._type = checksum_type
         self._hash = new_hasher(checksum_type)
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._block = bytearray(block)
+        self._free = [memoryview(bytearray(block)) for _ in range(self.BLOCKS)]
+        self._queue: collections.deque[tuple[Any, memoryview]] = collections.deque()
         self._cond = threading.Condition()
-        self._written = 0  # bytes the writer has put in the file
-        self._hashed = 0
-        self._generation = 0  # bumped by reset(): the file was truncated
         self._closing = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="download-hash", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:
-        view = memoryview(self._block)
         try:
             while True:
                 with self._cond:
-                    # wait for a whole block (or the end): a hasher woken for every network
-                    # chunk hashes 256 KiB pieces and fights the receiving thread for the GIL
-                    while self._written - self._hashed < len(view) and not self._closing:
+                    while not self._queue and not self._closing:
                         self._cond.wait()
-                    if self._written <= self._hashed:
+                    if not self._queue:
                         return
-                    generation, start = self._generation, self._hashed
-                    want = min(self._written - start, len(view))
-                n = os.preadv(self._fd, [view[:want]], start)
-                if n <= 0:
-                    raise OSError(f"short read back at byte {start}")
-                self._hash.update(view[:n])
+                    hasher, block = self._queue.popleft()
+                hasher.update(block)
                 with self._cond:
-                    if generation == self._generation:
-                        self._hashed += n
-                    else:
-                        self._hash = new_hasher(self._type)
-                        self._hashed = 0
+                    self._free.append(memoryview(block.obj))
+                    self._cond.notify_all()
         except BaseException as exc:
-            self._error = exc
-        finally:
-            os.close(self._fd)
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
 
-    def advance(self, written: int) -> None:
+    def free_block(self) -> memoryview:
+        """A block to fill (waits while all are written and not yet hashed)."""
         with self._cond:
-            self._written = written
-            if written - self._hashed >= len(self._block):
-                self._cond.notify()
+            while not self._free:
+                if self._error:
+                    raise self._error
+                self._cond.wait()
+            return self._free.pop()
+
+    def submit(self, block: memoryview) -> None:
+        """Hash ``block`` (a view of a block from ``free_block``) after the ones before it."""
+        with self._cond:
+            self._queue.append((self._hash, block))
+            self._cond.notify_all()
 
     def reset(self) -> None:
+        """Start over: blocks already submitted go into the old hash, which is dropped."""
         with self._cond:
-            self._generation += 1
-            self._written = self._hashed = 0
             self._hash = new_hasher(self._type)
-            self._cond.notify()
 
     def finish(self) -> str:
         with self._cond:
             self._closing = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join()
         if self._error:
             raise self._error
@@ -230,6 +264,6 @@ class _Hasher:
     def abandon(self) -> None:
         with self._cond:
             self._closing = True
-            self._written = self._hashed = 0
-            self._cond.notify()
+            self._queue.clear()
+            self._cond.notify_all()
         self._thread.join()

@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--size-mib", default="704,1904", help="comma-separated sizes")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--read-kib", type=int, default=256)
-    p.add_argument("--block-mib", type=int, default=8)
+    p.add_argument("--block-mib", type=int, default=4)
     p.add_argument("--child", nargs=4, metavar=("URL", "DEST", "TYPE", "EXPECTED"))
     args = p.parse_args()
     if args.child:
