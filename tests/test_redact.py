@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import agent
 from agent import messages as msg
 from agent.redact import redact_url, scrub, url_secrets
 from tests.badserver import BadServer, send_head, serve
@@ -104,6 +105,7 @@ def test_presigned_url_redacted_in_message_json_and_logs(
     assert proc.returncode == 1
     assert result["message"] == msg.download_failed(shown)
     assert "DEBUG" in proc.stderr or "INFO" in proc.stderr  # -vv: the logs are there
+    assert f"byoi-agent {agent.__version__} on Python" in proc.stderr  # what ran, first
     for secret in ("AKIAEXAMPLE1", "FQoGsecret", "5ig9a7ure"):
         assert secret not in proc.stdout and secret not in proc.stderr
     assert server.requests[0].path.endswith(query)  # the real URL was used
