@@ -199,6 +199,23 @@ def test_verify_regions() -> None:
     assert sum(n for _, n in regions) < 64 * MiB
 
 
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_verify_lanes_share_the_ranges_evenly(count: int) -> None:
+    regions = [(MiB, 700 * MiB + 4096), (900 * MiB, 3 * MiB), (1000 * MiB, 40 * MiB + 512)]
+    out = writer.lanes(regions, count)
+    assert len(out) == count
+    flat = [r for lane in out for r in lane]
+    assert writer.merge(flat, 4096 * MiB, 512) == writer.merge(regions, 4096 * MiB, 512)
+    assert sum(n for _, n in flat) == sum(n for _, n in regions)  # no byte twice
+    assert flat == sorted(flat)
+    sizes = [sum(n for _, n in lane) for lane in out]
+    assert max(sizes) - min(sizes) <= count * MiB  # about equal (cuts are MiB-aligned)
+    cuts = {o + n for o, n in flat} - {o + n for o, n in regions}
+    assert all(c % MiB == 0 for c in cuts)  # a range is cut at a MiB boundary only
+    assert writer.lanes([], 2) == []
+    assert writer.lanes([(0, 512)], 2) == [[(0, 512)]]
+
+
 def _plan_and_copy(image: Path, fmt: str, dev: str, tmp_path: Path):
     from test_layout import disk_of, virtual_size
 
