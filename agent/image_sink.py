@@ -8,7 +8,8 @@ Why it looks like this:
   the file and hands it to a hashing thread. hashlib releases the GIL on large buffers, so
   hashing overlaps the network instead of adding its time, and the peak RSS stays at a few
   blocks whatever the image size. The file holds ``written`` bytes; up to one block more has
-  been taken (``done``) and waits in memory. Progress reports what is in the file.
+  been taken (``done``) and waits in memory. Progress reports what is in the file, after
+  writing the current block (at most every ``progress_interval``).
 - An all-zero MiB of a block is not written but left as a hole (the file is only extended): a
   raw image's empty space then costs no RAM, and ``qemu-img convert`` skips it by SEEK_HOLE.
   Every byte is still hashed.
@@ -127,12 +128,14 @@ class Sink:
         self.progress(force=True)
 
     def progress(self, force: bool = False) -> None:
-        """Report the bytes in the file (a reader of the file, the stream, relies on that)."""
+        """Report the bytes in the file (a reader of the file, the stream, relies on that),
+        writing the current block first: the file is never more than one report behind."""
         if not self._on_progress:
             return
         now = time.monotonic()
         if force or now - self._last_call >= self._interval:
             self._last_call = now
+            self._flush()
             self._on_progress(self.written, self.total)
 
     def finish(self) -> str | None:

@@ -462,8 +462,11 @@ class _WriteJob:
         with step("write"):
             fd = self._hold(held)
             self.touched = True
+            # a stream still writing its last window would put back what the zeroing clears
+            # (the image's own backup GPT): it ends first
+            streamed = self.stream is not None and self.stream.wait(progress)
             _io(lambda: blockdev.zero(path, plan.zero_first), msg.cant_write(kind))
-            if self.stream is None or not self.stream.wait(progress):
+            if not streamed:
                 writer.checkpoint("body")
                 writer.copy_body(self.image, info.format, path, plan, kind, progress)
         with step("verify"):

@@ -91,10 +91,11 @@ def convert_args(image: Path, fmt: str, target: str, window: Region, direct: boo
     return [*args, "--target-image-opts", target_opts(target, window, sized=False)]
 
 
-def compare_args(image: Path, fmt: str, target: str, window: Region) -> list[str]:
-    """qemu-img compare of one window: the device read with O_DIRECT (the disk, not a cache)."""
+def compare_args(source: str, target: str, window: Region) -> list[str]:
+    """qemu-img compare of one window of ``source`` (``--image-opts``, cut to the window) with
+    the device read with O_DIRECT (the disk, not a cache)."""
     disk = target_opts(target, window) + ",cache.direct=on"
-    return ["qemu-img", "compare", "-p", "--image-opts", _source(image, fmt, window), disk]
+    return ["qemu-img", "compare", "-p", "--image-opts", source, disk]
 
 
 def follow(args: list[str], length: int, on_progress: Progress | None, timeout: float) -> str:
@@ -227,15 +228,35 @@ def verify_body(
 ) -> int:
     """Read the body back and compare it with the image; cant_write if it differs. Returns
     the number of bytes compared. ``extents``: the image's data ranges (inspect's
-    ``qemu-img map``), which ``sample`` compares in full; without them it compares all.
-
-    The ranges are compared in ``VERIFY_LANES`` lanes side by side: one ``qemu-img compare``
-    waits for the device about as long as it compares, so two keep both busy (measured on
-    731 MiB read back from a loop device: 0.395 s in one lane, 0.279 s in two; a third gained
-    nothing). ``on_progress`` is called from this thread only."""
+    ``qemu-img map``), which ``sample`` compares in full; without them it compares all."""
     regions = verify_regions(mode, list(extents) if extents else None, plan.body)
+    total = compare_regions(
+        regions, lambda w: _source(image, fmt, w), target, image_type, on_progress, timeout
+    )
+    log.info("verified %d bytes of %s against the image (%s)", total, target, mode)
+    return total
+
+
+def compare_regions(
+    regions: list[Region],
+    source: Callable[[Region], str],
+    target: str,
+    image_type: str,
+    on_progress: Progress | None = None,
+    timeout: float = 6 * 3600,
+    count: int = VERIFY_LANES,
+) -> int:
+    """Compare ``regions`` of the image (``source(window)``: its ``--image-opts`` cut to the
+    window) with the same ranges of ``target``; cant_write if they differ. Returns the bytes
+    compared.
+
+    The ranges are compared in ``count`` lanes side by side: one ``qemu-img compare`` waits
+    for the device about as long as it compares, so two keep both busy (measured on 731 MiB
+    read back from a loop device: 0.395 s in one lane, 0.279 s in two; a third gained
+    nothing). ``on_progress`` is called from this thread only; an exception from it stops
+    the lanes and reaches the caller."""
     total = sum(length for _, length in regions)
-    work = lanes(regions, VERIFY_LANES)
+    work = lanes(regions, count)
     done = [0] * len(work)
     failures: list[BaseException] = []
     stopping = threading.Event()
@@ -250,7 +271,8 @@ def verify_body(
                 done[index] = base + n
 
             try:
-                follow(compare_args(image, fmt, target, window), window[1], progress, timeout)
+                args = compare_args(source(window), target, window)
+                follow(args, window[1], progress, timeout)
             except ToolError as exc:
                 what = "differs from the image" if exc.returncode == 1 else "could not be read back"
                 failures.append(
@@ -289,7 +311,6 @@ def verify_body(
         raise failures[0]
     if on_progress:
         on_progress(total, total)
-    log.info("verified %d bytes of %s against the image (%s)", total, target, mode)
     return total
 
 

@@ -73,9 +73,13 @@ def test_stream_install(tmp_path, make_loop, fmt) -> None:
         server.stop()
     assert proc.returncode == 0, proc.stderr
     assert "streamed" in proc.stderr, "the body was not copied during the download"
+    assert "streaming write stopped" not in proc.stderr
     verify = subprocess.run(["sgdisk", "-v", dev], capture_output=True, text=True)
     assert "No problems found" in verify.stdout
     assert same_body(image, fmt, dev, tmp_path)
+    with open(dev, "rb") as disk:  # the image's own backup GPT, written by the stream, cleared
+        disk.seek(48 * MiB - 512)
+        assert disk.read(512) == bytes(512)
     steps = {s["step"]: s["status"] for s in result["progress"]}
     assert all(v == "done" for v in steps.values()), steps
 
