@@ -16,6 +16,13 @@ disk, so an unsafe image is never read through qemu.
 In this mode a failed install (bad checksum, damaged image, dropped download) has overwritten
 the old disk's contents: the disk is left with no partition table.
 
+The read-back stays after the download (the verify step). Reading each window back as soon
+as it was written (``qemu-img map`` of the window, then ``compare``, through the export) was
+measured and dropped: on 2 CPUs the download already keeps both busy, the copy fell behind and
+the install took longer (725 MB qcow2, 5 alternated rounds: 2.39 s against 2.15 s median, the
+write step waiting 0.74 s for the backlog, 0.25 s more CPU). So was running the copy at a
+lower priority (nice 10: the download 0.18 s faster, the install 0.06 s slower).
+
 A stream that cannot finish for a reason of its own (the server without Content-Length, a
 download restarted from byte 0, a qemu-img error) is not a failed install: ``succeeded`` stays
 False and the pipeline copies the body from the complete file as usual.
