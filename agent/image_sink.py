@@ -48,7 +48,8 @@ class Overrun(Exception):
 
 class Sink:
     """The local copy of one download: ``done`` bytes taken so far, ``written`` of them in the
-    file (the rest wait in the current block, which is written when full or at ``finish``)."""
+    file (the rest wait in the current block, written when full, at each progress report and
+    at ``finish``)."""
 
     def __init__(
         self,
