@@ -91,11 +91,10 @@ def convert_args(image: Path, fmt: str, target: str, window: Region, direct: boo
     return [*args, "--target-image-opts", target_opts(target, window, sized=False)]
 
 
-def compare_args(source: str, target: str, window: Region) -> list[str]:
-    """qemu-img compare of one window of ``source`` (``--image-opts``, cut to the window) with
-    the device read with O_DIRECT (the disk, not a cache)."""
+def compare_args(image: Path, fmt: str, target: str, window: Region) -> list[str]:
+    """qemu-img compare of one window: the device read with O_DIRECT (the disk, not a cache)."""
     disk = target_opts(target, window) + ",cache.direct=on"
-    return ["qemu-img", "compare", "-p", "--image-opts", source, disk]
+    return ["qemu-img", "compare", "-p", "--image-opts", _source(image, fmt, window), disk]
 
 
 def follow(args: list[str], length: int, on_progress: Progress | None, timeout: float) -> str:
@@ -230,33 +229,30 @@ def verify_body(
     the number of bytes compared. ``extents``: the image's data ranges (inspect's
     ``qemu-img map``), which ``sample`` compares in full; without them it compares all."""
     regions = verify_regions(mode, list(extents) if extents else None, plan.body)
-    total = compare_regions(
-        regions, lambda w: _source(image, fmt, w), target, image_type, on_progress, timeout
-    )
+    total = _compare_in_lanes(regions, image, fmt, target, image_type, on_progress, timeout)
     log.info("verified %d bytes of %s against the image (%s)", total, target, mode)
     return total
 
 
-def compare_regions(
+def _compare_in_lanes(
     regions: list[Region],
-    source: Callable[[Region], str],
+    image: Path,
+    fmt: str,
     target: str,
     image_type: str,
-    on_progress: Progress | None = None,
-    timeout: float = 6 * 3600,
-    count: int = VERIFY_LANES,
+    on_progress: Progress | None,
+    timeout: float,
 ) -> int:
-    """Compare ``regions`` of the image (``source(window)``: its ``--image-opts`` cut to the
-    window) with the same ranges of ``target``; cant_write if they differ. Returns the bytes
-    compared.
+    """Compare ``regions`` of the image with the same ranges of ``target``; cant_write if they
+    differ. Returns the bytes compared.
 
-    The ranges are compared in ``count`` lanes side by side: one ``qemu-img compare`` waits
+    The ranges are compared in ``VERIFY_LANES`` lanes side by side: one ``qemu-img compare`` waits
     for the device about as long as it compares, so two keep both busy (measured on 731 MiB
     read back from a loop device: 0.395 s in one lane, 0.279 s in two; a third gained
     nothing). ``on_progress`` is called from this thread only; an exception from it stops
     the lanes and reaches the caller."""
     total = sum(length for _, length in regions)
-    work = lanes(regions, count)
+    work = lanes(regions, VERIFY_LANES)
     done = [0] * len(work)
     failures: list[BaseException] = []
     stopping = threading.Event()
@@ -271,7 +267,7 @@ def compare_regions(
                 done[index] = base + n
 
             try:
-                args = compare_args(source(window), target, window)
+                args = compare_args(image, fmt, target, window)
                 follow(args, window[1], progress, timeout)
             except ToolError as exc:
                 what = "differs from the image" if exc.returncode == 1 else "could not be read back"
