@@ -1,7 +1,5 @@
 """``python -m agent``: the same command line as ``byoi-agent``."""
 
-import sys
+from agent.cli import run
 
-from agent.cli import main
-
-sys.exit(main())
+run()

@@ -46,7 +46,7 @@ from agent.messages import InstallError
 from agent.payload import InstallRequest
 from agent.regions import Region
 from agent.status import InstallStatus
-from agent.workspace import clean_stale, download_area
+from agent.workspace import clean_stale, download_area, release
 
 if TYPE_CHECKING:
     from agent import inspect, streamcopy
@@ -480,7 +480,7 @@ class _WriteJob:
                 progress,
                 extents=info.data_extents,
             )
-        self.image.unlink()  # its RAM is the rescue system's again
+        held.callback(release(self.image).join)  # its RAM is the rescue system's again
         with step("configdrive"):
             claim.check_same(self.pinned, fd)
             _io(lambda: writer.write_drive(path, plan, drive), msg.CONFIGDRIVE_FAILED)

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +121,19 @@ def download_area(workdir: Path, size_cap: int) -> Iterator[Path]:
         if mounted:
             _unmount(area)
         shutil.rmtree(area, ignore_errors=True)
+
+
+def release(image: Path) -> threading.Thread:
+    """Delete the downloaded image on another thread and return it (join it before the area
+    goes): tmpfs hands a 725 MB file's pages back in 0.1 s of kernel time, which so overlaps the
+    table writes instead of delaying them (``os.unlink`` lets the interpreter run meanwhile)."""
+
+    def unlink() -> None:
+        try:
+            image.unlink(missing_ok=True)
+        except OSError as exc:  # the area's removal at the end tries again
+            log.warning("could not delete %s: %s", image, exc)
+
+    thread = threading.Thread(target=unlink, name="release-image", daemon=True)
+    thread.start()
+    return thread

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import logging
 import os
@@ -434,6 +435,55 @@ def test_authorization_dropped_on_foreign_redirect(server: BadServer, out: Path)
     assert foreign.header("x-auth-token") is None
     assert foreign.header("x-plain") is None  # every header the request brought is dropped
     assert same.header("x-plain") == "kept"
+
+
+@pytest.fixture
+def tls_origin(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """PAYLOAD at /img over real HTTPS on 127.0.0.1, signed by a test CA the system does not
+    trust; the CA's file."""
+    import functools
+    import http.server
+    import ssl
+    import threading
+
+    import trustme
+
+    ca = trustme.CA()
+    root = tmp_path / "tls-root"
+    root.mkdir()
+    (root / "img").write_bytes(PAYLOAD)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{httpd.server_address[1]}/img", ca_file
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_redirect_to_https_is_verified(
+    server: BadServer, out: Path, tls_origin: tuple[str, Path]
+) -> None:
+    """The trust store is loaded at the first TLS handshake, not up front: an http URL that
+    redirects to https is still verified, and the CA bundle still applies."""
+    https_url, ca_file = tls_origin
+    server.routes["/r"] = lambda s, sock, req, n: send_head(
+        sock, "302 Found", {"Location": https_url, "Content-Length": 0}
+    )
+    url = server.url("/r")
+    with pytest.raises(InstallError) as exc:
+        fetch(url, out)
+    assert_failed(exc, url, out)
+    assert "CERTIFICATE_VERIFY_FAILED" in exc.value.detail
+    trusted = dataclasses.replace(FAST, ca_bundle=str(ca_file))
+    assert_ok(fetch(url, out, settings=trusted), out)
+    assert_ok(fetch(https_url, out, settings=trusted), out)
 
 
 # --- memory budget ------------------------------------------------------------------------------
