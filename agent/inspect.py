@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import string
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import formats, gpt, layout
@@ -44,6 +45,8 @@ class ImageInfo:
     sector_size: int | None  # logical sector size the GPT was made for (512 | 4096)
     # (offset, length) ranges of the virtual disk that hold data, merged (``data_extents``)
     data_extents: tuple[tuple[int, int], ...] = ()
+    # the virtual disk's head as read here (``read_head``), so the layout need not read it again
+    head: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)
@@ -215,16 +218,24 @@ def _info(path: Path, fmt: str) -> dict:
     return info
 
 
-def _check_integrity(path: Path, fmt: str) -> list[dict]:
-    """qcow2: no corruption, every data cluster inside the file. Returns the image's map."""
+def _check(path: Path, fmt: str) -> None:
+    """qcow2: ``qemu-img check`` finds no corruption."""
+    if fmt != "qcow2":
+        return
     try:
-        if fmt == "qcow2":
-            report = qemu_img_check(path, fmt)
-            bad, errors = report.get("corruptions", 0), report.get("check-errors", 0)
-            if bad or errors:
-                found = [f"{bad} corruptions"] * bool(bad) + [f"{errors} errors"] * bool(errors)
-                reason = f"qemu-img check found {' and '.join(found)}"
-                raise InstallError(msg.damaged_image(fmt, reason))
+        report = qemu_img_check(path, fmt)
+    except (ToolError, json.JSONDecodeError) as exc:
+        reason = "its cluster tables cannot be read"
+        raise InstallError(msg.damaged_image(fmt, reason), str(exc)) from None
+    bad, errors = report.get("corruptions", 0), report.get("check-errors", 0)
+    if bad or errors:
+        found = [f"{bad} corruptions"] * bool(bad) + [f"{errors} errors"] * bool(errors)
+        raise InstallError(msg.damaged_image(fmt, f"qemu-img check found {' and '.join(found)}"))
+
+
+def _mapped(path: Path, fmt: str) -> list[dict]:
+    """The image's map, every data cluster inside the file."""
+    try:
         entries = image_map(path, fmt)
     except (ToolError, json.JSONDecodeError) as exc:
         reason = "its cluster tables cannot be read"
@@ -240,16 +251,19 @@ def read_head(path: Path, fmt: str, virtual_size: int) -> bytes:
     layout reads it)."""
     head = layout.read_head(path, fmt, virtual_size, 512, path.parent)
     if gpt_sector_size(head) == 4096:
-        head = layout.read_head(path, fmt, virtual_size, 4096, path.parent)
+        head = layout.read_head(path, fmt, virtual_size, 4096, path.parent, head)
     return head
 
 
-def _table(path: Path, fmt: str, virtual_size: int, extents: list[tuple[int, int]]) -> Table:
+def _head(path: Path, fmt: str, virtual_size: int) -> bytes:
     try:
-        head = read_head(path, fmt, virtual_size)
+        return read_head(path, fmt, virtual_size)
     except (ToolError, OSError) as exc:
         reason = "its content cannot be read"
         raise InstallError(msg.damaged_image(fmt, reason), str(exc)) from None
+
+
+def _table(path: Path, fmt: str, head: bytes, extents: list[tuple[int, int]]) -> Table:
     table = partition_table(head)
     if table.kind is not None:
         if table.problem:
@@ -274,15 +288,24 @@ def inspect_image(path: Path, declared: str) -> ImageInfo:
     """
     _check_format(path, declared)
     info = _info(path, declared)
-    extents = merge_extents(_check_integrity(path, declared))
     virtual_size = int(info["virtual-size"])
-    table = _table(path, declared, virtual_size, extents)
+    # Once qemu-img info has found no backing or data file, the three reads are independent:
+    # they run side by side (about 35 ms less), their verdicts are taken in the order above.
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="inspect") as pool:
+        checked = pool.submit(_check, path, declared)
+        mapped = pool.submit(_mapped, path, declared)
+        read = pool.submit(_head, path, declared, virtual_size)
+        checked.result()
+        extents = merge_extents(mapped.result())
+        head = read.result()
+    table = _table(path, declared, head, extents)
     return ImageInfo(
         format=declared,
         virtual_size=virtual_size,
         partition_table=table.kind,
         sector_size=table.sector_size,
         data_extents=tuple(extents),
+        head=head,
     )
 
 

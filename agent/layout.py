@@ -21,6 +21,8 @@ config drive) is found here, before the first write: the planning fails closed.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +240,9 @@ def image_bytes(image: Path, fmt: str, offset: int, length: int, scratch: Path) 
         with open(image, "rb") as f:
             f.seek(offset)
             return f.read(length).ljust(length, b"\0")
-    out = scratch / "window.raw"
+    fd, name = tempfile.mkstemp(prefix="window-", suffix=".raw", dir=scratch)
+    os.close(fd)
+    out = Path(name)  # a name of its own: windows may be read side by side
     window = f"driver=raw,offset={offset},size={length},file.driver={fmt}"
     source = f"{window},file.file.driver=file,file.file.filename={opt_value(image)}"
     try:
@@ -252,20 +256,32 @@ def image_bytes(image: Path, fmt: str, offset: int, length: int, scratch: Path) 
         out.unlink(missing_ok=True)
 
 
-def read_head(image: Path, fmt: str, virtual_size: int, sector_size: int, scratch: Path) -> bytes:
-    """The image's head: its first MiB, or more when its GPT entry array reaches further."""
+def head_length(head: bytes, virtual_size: int, sector_size: int) -> int:
+    """How much of the image the head is, judged from its first MiB (pure): that MiB, or more
+    when its GPT's entry array reaches further (whole MiBs, within the virtual disk)."""
     length = min(HEAD_SIZE, virtual_size)
-    head = image_bytes(image, fmt, 0, length, scratch)
     if head[sector_size : sector_size + 8] == b"EFI PART":
         try:
             header = gpt.parse_header(head[sector_size : 2 * sector_size])
         except gpt.TableError:
-            return head  # image_table says why
+            return length  # image_table says why
         end = header.entries_lba * sector_size + header.entries_bytes()
         if end > length:
-            longer = min(-(-end // MiB) * MiB, virtual_size)
-            head = image_bytes(image, fmt, 0, longer, scratch)
-    return head
+            return min(-(-end // MiB) * MiB, virtual_size)
+    return length
+
+
+def read_head(
+    image: Path, fmt: str, virtual_size: int, sector_size: int, scratch: Path, known: bytes = b""
+) -> bytes:
+    """The image's head (``head_length``). ``known``: a head already read from the image, used
+    when it covers what is needed (the inspection read it with the disk's sector size)."""
+    first = min(HEAD_SIZE, virtual_size)
+    head = known if len(known) >= first else image_bytes(image, fmt, 0, first, scratch)
+    length = head_length(head, virtual_size, sector_size)
+    if len(head) < length:
+        head = image_bytes(image, fmt, 0, length, scratch)
+    return head[:length]
 
 
 def probe_labels(image: Path, fmt: str, table: Table, scratch: Path) -> dict[int, tuple[str, str]]:
@@ -299,13 +315,15 @@ def plan(
     drive: Path,
     stale: Sequence[Region],
     scratch: Path,
+    known_head: bytes = b"",
 ) -> DiskPlan:
-    """Read what the plan needs from the image and lay it out on ``disk`` (nothing written)."""
+    """Read what the plan needs from the image and lay it out on ``disk`` (nothing written).
+    ``known_head``: the head the inspection read, if any (``read_head``)."""
     ss = disk.logical_sector_size
     if ss != 512 and _is_iso(drive):
         raise PlanError("configdrive", f"an ISO 9660 drive is unreadable on {ss}-byte sectors")
     try:
-        head = read_head(image, fmt, virtual_size, ss, scratch)
+        head = read_head(image, fmt, virtual_size, ss, scratch, known_head)
     except (ToolError, OSError) as exc:
         raise PlanError("table", f"the image's head cannot be read: {exc}") from None
     found = image_table(head, ss)

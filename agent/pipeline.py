@@ -378,7 +378,9 @@ def _prepare(
     except Exception as exc:
         raise InstallError(msg.CONFIGDRIVE_FAILED, f"building the drive: {exc}") from None
     try:
-        plan = layout.plan(image_path, info.format, info.virtual_size, target, drive, stale, area)
+        plan = layout.plan(
+            image_path, info.format, info.virtual_size, target, drive, stale, area, info.head
+        )
     except layout.PlanError as exc:
         message = msg.CONFIGDRIVE_FAILED if exc.kind == "configdrive" else msg.GPT_MOVE_FAILED
         raise InstallError(message, f"{target.path}: nothing written: {exc}") from None

@@ -181,6 +181,37 @@ def test_plan_gpt_ends_at_last_usable_lba_and_is_aligned() -> None:
     assert MIB <= size * 512 < 2 * MIB
 
 
+def test_head_length_follows_the_gpt_entry_array(tmp_path: Path) -> None:
+    """The head is the first MiB, or whole MiBs up to the end of a larger GPT entry array."""
+    image = tmp_path / "big-table.raw"
+    image.write_bytes(b"")
+    with open(image, "r+b") as f:
+        f.truncate(8 * MIB)
+    sh("sgdisk", "--resize-table=8192", "-n", "1:4096:+1M", str(image))  # entries: 1 MiB
+    first = image.read_bytes()[:MIB]
+    assert layout.head_length(first, 8 * MIB, 512) == 2 * MIB
+    assert layout.head_length(first, 8 * MIB, 4096) == MIB  # no GPT at 4096-byte LBA 1
+    assert layout.head_length(b"\0" * MIB, 8 * MIB, 512) == MIB
+    assert layout.head_length(b"\0" * 4096, 4096, 512) == 4096
+
+
+def test_read_head_uses_a_known_head_that_covers_it(tmp_path: Path) -> None:
+    """A head already read is used as it is (no second read of the image), cut to the length
+    needed; one too short for the table's entries is read again, longer."""
+    image = tmp_path / "big-table.raw"
+    with open(image, "wb") as f:
+        f.truncate(8 * MIB)
+    sh("sgdisk", "--resize-table=8192", "-n", "1:4096:+1M", str(image))
+    data = image.read_bytes()
+    marked = bytearray(data[: 3 * MIB])
+    marked[MIB - 1] = marked[2 * MIB - 1] = 0x5A  # not in the image: where the bytes came from
+    known = bytes(marked)
+    assert layout.read_head(image, "raw", 8 * MIB, 512, tmp_path, known) == known[: 2 * MIB]
+    assert layout.read_head(image, "raw", 8 * MIB, 4096, tmp_path, known) == known[:MIB]
+    assert layout.read_head(image, "raw", 8 * MIB, 512, tmp_path, data[:MIB]) == data[: 2 * MIB]
+    assert layout.read_head(image, "raw", 8 * MIB, 512, tmp_path) == data[: 2 * MIB]
+
+
 def test_plan_4kn_aligns_to_256_sectors() -> None:
     t = Table("gpt", 4096, (), first_lba=6, last_lba=25594)
     start, size = layout.plan_new_partition(t, 25600, 3 * MIB + 1)
