@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agent import messages as msg
@@ -365,24 +366,38 @@ def write_head(path: str, plan: DiskPlan) -> None:
     write_checked(path, 0, plan.tables.head)
 
 
+def gpt_verified(report: str) -> bool:
+    """Does ``sgdisk -v``'s report pass the disk (pure)? It says "No problems found" even
+    after loading a corrupt header or table (a bad CRC, a damaged backup header, which it
+    rebuilt in memory from the other copy): its cautions about those fail it too."""
+    text = report.lower()
+    return "no problems found" in text and "corrupt" not in text and "crc" not in text
+
+
 def result_problems(path: str, plan: DiskPlan) -> list[str]:
     """What is wrong with the finished disk, read back through the tools firmware-facing code
     trusts (sfdisk, sgdisk, blkid): empty when the disk is as planned."""
     problems = []
-    try:
-        table = ptable.read_table(path)
-    except ToolError as exc:
-        return [f"sfdisk cannot read the table: {exc.detail}"]
+    # the finished disk's reads are independent: side by side (20 ms less than in a row)
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="result") as pool:
+        read = pool.submit(ptable.read_table, path)
+        checked = None
+        if plan.label == "gpt":
+            checked = pool.submit(run, ["sgdisk", "-v", path], check=False, timeout=120)
+        probed = pool.submit(ptable.probe_label, path, plan.drive_offset, plan.drive_length)
+        try:
+            table = read.result()
+        except ToolError as exc:
+            return [f"sfdisk cannot read the table: {exc.detail}"]
+        verify = checked.result() if checked is not None else None
+        label, fstype = probed.result()
     seen = table.layout()
     if plan.label == "dos":  # logical partitions (5+) are the image's, inside its extended one
         seen = [p for p in seen if p[0] <= 4]
     if table.label != plan.label or tuple(seen) != plan.expected:
         problems.append(f"the table reads {table.label} {seen}, planned {plan.expected}")
-    if plan.label == "gpt":
-        verify = run(["sgdisk", "-v", path], check=False, timeout=120)
-        if "No problems found" not in verify.stdout:
-            problems.append(f"sgdisk -v: {verify.stdout.strip()[-1000:]}")
-    label, fstype = ptable.probe_label(path, plan.drive_offset, plan.drive_length)
+    if verify is not None and not gpt_verified(verify.stdout):
+        problems.append(f"sgdisk -v: {verify.stdout.strip()[-1000:]}")
     if label not in CONFIG_LABELS or fstype not in CONFIG_FSTYPES:
         problems.append(f"the config drive probes as LABEL={label!r} TYPE={fstype!r}")
     return problems

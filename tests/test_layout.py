@@ -212,6 +212,22 @@ def test_read_head_uses_a_known_head_that_covers_it(tmp_path: Path) -> None:
     assert layout.read_head(image, "raw", 8 * MIB, 512, tmp_path) == data[: 2 * MIB]
 
 
+def test_gpt_verified_reads_sgdisk_reports() -> None:
+    """sgdisk -v says "No problems found" also after a caution about a corrupt GPT."""
+    clean = "\nNo problems found. 114621 free sectors (56.0 MiB) available in 2\nsegments, ..."
+    caution = (
+        "****************************************************************************\n"
+        "Caution: Found protective or hybrid MBR and corrupt GPT. Using GPT, but disk\n"
+        "verification and recovery are STRONGLY recommended.\n"
+        "****************************************************************************\n" + clean
+    )
+    crc = "Caution! After loading partitions, the CRC doesn't check out!\n" + clean
+    assert writer.gpt_verified(clean)
+    assert not writer.gpt_verified(caution)
+    assert not writer.gpt_verified(crc)
+    assert not writer.gpt_verified("Problem: The secondary header's self-pointer is wrong\n")
+
+
 def test_plan_4kn_aligns_to_256_sectors() -> None:
     t = Table("gpt", 4096, (), first_lba=6, last_lba=25594)
     start, size = layout.plan_new_partition(t, 25600, 3 * MIB + 1)
@@ -344,6 +360,31 @@ def test_backup_gpt_at_the_end_and_config_drive(
     assert (p["start"] * ss) % MIB == 0 and p["start"] + p["size"] - 1 == pt["lastlba"]
     assert image_rest_equal(image, dev, plan)
     check_drive(cloudinit, dev, 3, tmp_path, "#cloud-config\nhostname: x\n")
+
+
+@pytest.mark.root
+def test_result_problems_names_each_fault(make_loop, tmp_path: Path) -> None:
+    """The finished disk's checks (run side by side) each report their own fault."""
+    import dataclasses
+
+    image = gpt_image(make_loop, 16 * MIB, 512)
+    dev = make_loop(64 * MIB)
+    plan = install(image, dev, configdrive.build_drive(request(), tmp_path / "drive.iso"))
+    moved = dataclasses.replace(plan, expected=plan.expected[:-1])
+    assert [p.split(" ")[:3] for p in writer.result_problems(dev, moved)] == [
+        ["the", "table", "reads"]
+    ]
+    with open(dev, "r+b") as f:  # the config drive's volume descriptors
+        f.seek(plan.drive_offset + 32768)
+        f.write(bytes(8192))
+    assert [p.split(" ")[:4] for p in writer.result_problems(dev, plan)] == [
+        ["the", "config", "drive", "probes"]
+    ]
+    with open(dev, "r+b") as f:  # the backup header, on the last LBA
+        f.seek(64 * MIB - 512 + 16)
+        f.write(b"\xff" * 4)
+    problems = writer.result_problems(dev, plan)
+    assert any(p.startswith("sgdisk -v: ") for p in problems), problems
 
 
 @pytest.mark.root
