@@ -115,11 +115,12 @@ class Growing:
         with self._cond:
             self._cond.notify_all()
 
-    def wait_for(self, end: int, stopped: threading.Event) -> None:
+    def wait_for(self, end: int, stopped: threading.Event, *, data_wins: bool = False) -> None:
         """Block until the first ``end`` bytes are there; raise StreamFailed when the download
-        failed or ``stopped`` is set (a failure wins over data: the install is failing)."""
+        failed or ``stopped`` is set. A failure wins over data (the install is failing, a read
+        need not be answered), unless ``data_wins``: then bytes already there are served."""
         with self._cond:
-            if self._have >= end and self._failed is None:
+            if self._have >= end and (self._failed is None or data_wins):
                 return
             self.blocked += 1
             self._wanted.append(end)
@@ -129,6 +130,8 @@ class Growing:
                 )
             finally:
                 self._wanted.remove(end)
+            if self._have >= end and data_wins:
+                return
             if self._failed is not None:
                 raise StreamFailed(self._failed)
             if self._have < end:

@@ -14,7 +14,10 @@ once they pass. Only the start of the stream checks the format from the image's 
 disk, so an unsafe image is never read through qemu.
 
 In this mode a failed install (bad checksum, damaged image, dropped download) has overwritten
-the old disk's contents: the disk is left with no partition table.
+the old disk's contents: the disk is left with no partition table. The disk is taken as soon as
+the image's first 2 MiB are there and pass, even when the install is already stopping by then
+(a checksum that fails the moment the download ends): otherwise the outcome of a failure would
+depend on which thread ran first.
 
 The read-back stays after the download (the verify step). Reading each window back as soon
 as it was written (``qemu-img map`` of the window, then ``compare``, through the export) was
@@ -136,7 +139,10 @@ class StreamCopy:
 
     def _copy(self, growing: stream.Growing) -> None:
         size = growing.size
-        growing.wait_for(min(size, DETECT_BYTES), self._cancel)
+        # Once the image's first bytes are there, the disk is taken (its head zeroed) even if
+        # the install is already stopping: a checksum failing the moment the download ends must
+        # not race this thread and leave the old table on some runs and none on others.
+        growing.wait_for(min(size, DETECT_BYTES), self._cancel, data_wins=True)
         virtual = self._virtual_size(size)
         if virtual > self.disk_size:
             raise ValueError(f"the image's {virtual} bytes do not fit the disk")

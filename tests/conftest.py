@@ -82,5 +82,31 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         server.server_close()
 
 
+@pytest.fixture
+def https_dir(tmp_path: Path) -> Iterator[tuple[Path, str, Path]]:
+    """A directory served over real HTTPS on 127.0.0.1, with a certificate signed by a test CA
+    that the system does not trust: ``(directory, base_url, ca_file)``."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    root = tmp_path / "www-tls"
+    root.mkdir()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield root, f"https://127.0.0.1:{server.server_address[1]}", ca_file
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None

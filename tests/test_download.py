@@ -437,42 +437,14 @@ def test_authorization_dropped_on_foreign_redirect(server: BadServer, out: Path)
     assert same.header("x-plain") == "kept"
 
 
-@pytest.fixture
-def tls_origin(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """PAYLOAD at /img over real HTTPS on 127.0.0.1, signed by a test CA the system does not
-    trust; the CA's file."""
-    import functools
-    import http.server
-    import ssl
-    import threading
-
-    import trustme
-
-    ca = trustme.CA()
-    root = tmp_path / "tls-root"
-    root.mkdir()
-    (root / "img").write_bytes(PAYLOAD)
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"https://127.0.0.1:{httpd.server_address[1]}/img", ca_file
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
 def test_redirect_to_https_is_verified(
-    server: BadServer, out: Path, tls_origin: tuple[str, Path]
+    server: BadServer, out: Path, https_dir: tuple[Path, str, Path]
 ) -> None:
     """The trust store is loaded at the first TLS handshake, not up front: an http URL that
     redirects to https is still verified, and the CA bundle still applies."""
-    https_url, ca_file = tls_origin
+    root, base_url, ca_file = https_dir
+    (root / "img").write_bytes(PAYLOAD)
+    https_url = f"{base_url}/img"
     server.routes["/r"] = lambda s, sock, req, n: send_head(
         sock, "302 Found", {"Location": https_url, "Content-Length": 0}
     )

@@ -457,35 +457,6 @@ def test_refused_on_4kn_disk(tmp_path, http_dir, make_loop, kind) -> None:
     assert result["step"] == step
 
 
-@pytest.fixture
-def https_dir(tmp_path: Path):
-    """A directory served over real HTTPS on 127.0.0.1 with a certificate from a test CA."""
-    import functools
-    import http.server
-    import ssl
-    import threading
-
-    import trustme
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    root = tmp_path / "www-tls"
-    root.mkdir()
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert.configure_cert(context)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield root, f"https://127.0.0.1:{server.server_address[1]}", ca_file
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_https_with_ca_bundle(tmp_path, https_dir, make_loop) -> None:
     """https: an unknown CA is refused (documented message); --ca-bundle makes it trusted."""
     www, base_url, ca_file = https_dir

@@ -551,3 +551,33 @@ def test_growing_is_monotonic_and_capped_and_failure_wins() -> None:
     g.fail("gone")
     with pytest.raises(stream.StreamFailed, match="gone"):
         g.wait_for(10, stopped)
+    g.wait_for(10, stopped, data_wins=True)  # the bytes are there: served despite the failure
+    short = stream.Growing(100)
+    short.advance(5)
+    short.fail("gone")
+    with pytest.raises(stream.StreamFailed, match="gone"):
+        short.wait_for(10, stopped, data_wins=True)  # not there: the failure still ends the wait
+
+
+def test_a_blocked_wait_with_data_wins_returns_when_the_bytes_and_a_stop_come_together() -> None:
+    g = stream.Growing(100)
+    stopped = threading.Event()
+    outcome: list[str] = []
+
+    def waiter() -> None:
+        try:
+            g.wait_for(80, stopped, data_wins=True)
+            outcome.append("served")
+        except stream.StreamFailed as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    while not g.blocked:
+        time.sleep(0.001)
+    with g._cond:  # the last bytes and the stop land before the waiter wakes
+        g._have = 100
+        stopped.set()
+        g._cond.notify_all()
+    thread.join(5)
+    assert outcome == ["served"]

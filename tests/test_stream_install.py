@@ -20,6 +20,7 @@ from badserver import BadServer, paced
 from test_install import fill_pattern, payload
 
 from agent import messages as msg
+from agent.streamcopy import StreamCopy
 from demo.sample_image import build_image
 
 pytestmark = pytest.mark.root
@@ -103,6 +104,30 @@ def test_stream_checksum_failure_leaves_no_table(tmp_path, make_loop) -> None:
     assert pttype(dev) == "", "a failed streamed install left a partition table"
     with open(dev, "rb") as f:
         assert f.read(MiB) == bytes(MiB)
+
+
+def test_a_stream_stopped_as_the_download_ends_still_takes_the_disk(tmp_path, make_loop) -> None:
+    """A checksum fails the moment the last byte lands, before the copy thread has run: the
+    stop must not win that race, or the failed install leaves the old table on some runs (the
+    pipeline clears only a disk the stream touched). Once the image's first bytes are there,
+    the stream always takes the disk; 20 rounds, each stopped at once (all 20 kept the old
+    head before)."""
+    image = build_image(tmp_path / "img.qcow2", size_mib=48)
+    size = image.stat().st_size
+    dev = make_loop(DISK)
+    kept = 0
+    for _ in range(20):
+        with open(dev, "r+b") as f:  # an old disk's head (sgdisk would sleep 1 s per write)
+            f.write(b"\xa5" * MiB)
+        copy = StreamCopy(image, "qcow2", dev, DISK, tmp_path)
+        copy.progress(size, size)
+        copy.downloaded()
+        copy.stop()
+        assert not copy.succeeded
+        kept += not copy.touched
+        with open(dev, "rb") as f:
+            assert (f.read(MiB) == bytes(MiB)) == copy.touched
+    assert kept == 0, f"{kept} of 20 stopped streams left the old head in place"
 
 
 def test_stream_survives_a_drop_and_resume(tmp_path, make_loop) -> None:
