@@ -101,7 +101,7 @@ def test_stream_checksum_failure_leaves_no_table(tmp_path, make_loop) -> None:
     assert proc.returncode == 1
     assert result["message"] == msg.bad_checksum("sha256", server.sha256, wrong)
     assert result["step"] == "checksum"
-    assert pttype(dev) == "", "a failed streamed install left a partition table"
+    assert pttype(dev) == "", f"a failed streamed install left a partition table:\n{proc.stderr}"
     with open(dev, "rb") as f:
         assert f.read(MiB) == bytes(MiB)
 
