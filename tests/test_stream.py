@@ -573,11 +573,10 @@ def test_a_blocked_wait_with_data_wins_returns_when_the_bytes_and_a_stop_come_to
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    while not g.blocked:
+    deadline = time.monotonic() + 5
+    while not g.blocked and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.001)
-    with g._cond:  # the last bytes and the stop land before the waiter wakes
-        g._have = 100
-        stopped.set()
-        g._cond.notify_all()
+    stopped.set()  # an Event does not wake the waiter: the last bytes do, and it sees both
+    g.advance(100)
     thread.join(5)
     assert outcome == ["served"]
