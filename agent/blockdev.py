@@ -166,8 +166,9 @@ def flush(path: str) -> None:
         os.close(fd)
 
 
-def zero(path: str, regions: Sequence[Region]) -> None:
-    """Zero byte ranges of the disk, durably."""
+def zero(path: str, regions: Sequence[Region], *, durable: bool = True) -> None:
+    """Zero byte ranges of the disk, durably; ``durable=False`` leaves them to a flush that
+    follows (a write that must not reach the disk ahead of them has to wait for that one)."""
     zeros = bytes(4 * MiB)
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -175,10 +176,12 @@ def zero(path: str, regions: Sequence[Region]) -> None:
             done = 0
             while done < length:
                 done += os.pwrite(fd, zeros[: min(len(zeros), length - done)], offset + done)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
-    flush(path)
+    if durable:
+        flush(path)
 
 
 def invalidate(path: str) -> None:

@@ -467,21 +467,31 @@ class _WriteJob:
             # a stream still writing its last window would put back what the zeroing clears
             # (the image's own backup GPT): it ends first
             streamed = self.stream is not None and self.stream.wait(progress)
-            _io(lambda: blockdev.zero(path, plan.zero_first), msg.cant_write(kind))
+            # the stream's first write made the head durably zero: the rest can wait for the
+            # body's flush; without a stream, the head must be zero on the disk before the body
+            durable = not streamed
+            _io(lambda: blockdev.zero(path, plan.zero_first, durable=durable), msg.cant_write(kind))
             if not streamed:
                 writer.checkpoint("body")
                 writer.copy_body(self.image, info.format, path, plan, kind, progress)
+            body_flush = writer.BodyFlush(path, kind)
+            if self.options.verify == "none":
+                body_flush.wait()
         with step("verify"):
-            writer.verify_body(
-                self.image,
-                info.format,
-                path,
-                plan,
-                kind,
-                self.options.verify,
-                progress,
-                extents=info.data_extents,
-            )
+            try:
+                writer.verify_body(
+                    self.image,
+                    info.format,
+                    path,
+                    plan,
+                    kind,
+                    self.options.verify,
+                    progress,
+                    extents=info.data_extents,
+                )
+            finally:
+                body_flush.wait(check=False)  # nothing is cleared or written while it runs
+            body_flush.wait()
         held.callback(release(self.image).join)  # its RAM is the rescue system's again
         with step("configdrive"):
             claim.check_same(self.pinned, fd)

@@ -159,9 +159,9 @@ class StreamCopy:
                     return
                 args = ["qemu-img", "convert", "-p", "-n", "-W", "-m", "16", "-t", "none"]
                 args += stream.source_args(nbd, self.fmt, offset, length)
-                args += ["--target-image-opts", target_opts(self.target, (offset, length))]
+                target = target_opts(self.target, (offset, length), flush=False)
+                args += ["--target-image-opts", target]
                 follow(args, length, self._reporter(offset - body[0], body[1]), 6 * 3600)
-        blockdev.flush(self.target)
         log.info(
             "streamed %d bytes of %s onto %s (%d reads waited for the download)",
             body[1],

@@ -3,9 +3,11 @@
 The body of the image goes on with ``qemu-img convert`` through offset windows on both sides
 (``--image-opts`` / ``--target-image-opts``, qcow2 becomes raw), out-of-order writes and 16
 coroutines (``-W -m 16``: measured about twice as fast as the defaults on a loop device), the
-host page cache bypassed (``-t none``) so the end of the convert means the data is on the disk.
-The small pieces (the config drive, the GPT backup, the head) are written with ``pwrite`` and
-``fsync``, then read back after the device's page cache is dropped.
+host page cache bypassed (``-t none``). qemu-img does not flush the disk when it ends
+(``cache.no-flush``): the agent flushes the body once, beside the read-back (``BodyFlush``),
+and waits for it before the first table is written, so the tables never reach the disk ahead
+of the body. The small pieces (the config drive, the GPT backup, the head) are written with
+``pwrite`` and ``fsync``, then read back after the device's page cache is dropped.
 
 A zero exit status of qemu-img is not proof that the disk holds the image (a device that drops
 writes, a fake-capacity disk that wraps around, a controller bug), so the body is read back
@@ -78,18 +80,23 @@ def _source(image: Path, fmt: str, window: Region) -> str:
     return f"{cut},file.driver={fmt},file.file.driver=file,file.file.filename={opt_value(image)}"
 
 
-def target_opts(target: str, window: Region, *, sized: bool = True) -> str:
+def target_opts(target: str, window: Region, *, sized: bool = True, flush: bool = True) -> str:
+    """``target`` cut to ``window`` (qemu option syntax). ``flush=False``: qemu-img does not
+    flush the disk when it closes it (``cache.no-flush``); the agent's own ``flush_body`` does,
+    once, beside the read-back."""
     driver = "host_device" if target.startswith("/dev/") else "file"
     cut = f"driver=raw,offset={window[0]}" + (f",size={window[1]}" if sized else "")
+    cut += "" if flush else ",cache.no-flush=on"
     return f"{cut},file.driver={driver},file.filename={opt_value(target)}"
 
 
 def convert_args(image: Path, fmt: str, target: str, window: Region, direct: bool) -> list[str]:
-    """qemu-img convert of the image's ``window`` to the same offsets of ``target``."""
+    """qemu-img convert of the image's ``window`` to the same offsets of ``target``, not
+    flushed (see ``flush_body``)."""
     args = ["qemu-img", "convert", "-p", "-n", "-W", "-m", "16"]
     args += ["-t", "none"] if direct else ["-t", "writeback"]
     args += ["--image-opts", _source(image, fmt, window)]
-    return [*args, "--target-image-opts", target_opts(target, window, sized=False)]
+    return [*args, "--target-image-opts", target_opts(target, window, sized=False, flush=False)]
 
 
 def compare_args(image: Path, fmt: str, target: str, window: Region) -> list[str]:
@@ -147,11 +154,35 @@ def copy_body(
             log.warning("direct I/O refused on %s, retrying with buffered writes", target)
             args = convert_args(image, fmt, target, window, False)
             follow(args, window[1], on_progress, timeout)
-        flush(target)
     except (ToolError, OSError) as exc:
         raise InstallError(msg.cant_write(image_type), str(exc)) from None
     if on_progress:
         on_progress(window[1], window[1])
+
+
+class BodyFlush:
+    """The body's one flush, run beside the read-back: the disk writes back what the copy left
+    in its cache while the compare reads it (through O_DIRECT, which sees the completed writes
+    whether or not they are durable yet). ``wait`` returns once the body is durable, before
+    anything of the tables is written; a failed flush is a failed write."""
+
+    def __init__(self, target: str, image_type: str) -> None:
+        self.target, self.image_type = target, image_type
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="flush", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            flush(self.target)
+        except OSError as exc:
+            self.error = exc
+
+    def wait(self, *, check: bool = True) -> None:
+        """Until the flush has ended; with ``check``, cant_write if it failed."""
+        self._thread.join()
+        if check and self.error is not None:
+            raise InstallError(msg.cant_write(self.image_type), f"flush: {self.error}")
 
 
 # --- verification -------------------------------------------------------------------------------
