@@ -216,6 +216,29 @@ def test_verify_lanes_share_the_ranges_evenly(count: int) -> None:
     assert writer.lanes([(0, 512)], 2) == [[(0, 512)]]
 
 
+def test_verify_lanes_count_what_each_compare_costs_to_start() -> None:
+    """A long data range, then many small ones (an image's scattered metadata, the zero
+    samples): the lane holding the small ones takes fewer bytes, so the lanes end together."""
+    small = [(1024 * MiB + i * 64 * MiB, 2 * MiB) for i in range(20)]
+    regions = [(MiB, 700 * MiB), *small]
+    overhead = 12 * MiB
+    plain = writer.lanes(regions, 2)
+    weighed = writer.lanes(regions, 2, overhead=overhead)
+    assert [r for lane in weighed for r in lane] != [r for lane in plain for r in lane]
+    assert writer.merge([r for lane in weighed for r in lane], 8192 * MiB, MiB) == writer.merge(
+        regions, 8192 * MiB, MiB
+    )
+
+    def cost(lane: list[tuple[int, int]]) -> int:
+        return sum(n + overhead for _, n in lane)
+
+    first, second = weighed
+    assert len(second) == 21  # the rest of the long range, then every small one
+    assert sum(n for _, n in second) < sum(n for _, n in first)
+    assert abs(cost(first) - cost(second)) <= overhead + MiB
+    assert abs(cost(plain[0]) - cost(plain[1])) > 200 * MiB  # what the bytes alone gave
+
+
 def _plan_and_copy(image: Path, fmt: str, dev: str, tmp_path: Path):
     from test_layout import disk_of, virtual_size
 
