@@ -85,8 +85,8 @@ def _source(image: Path, fmt: str, window: Region) -> str:
 
 def target_opts(target: str, window: Region, *, sized: bool = True, flush: bool = True) -> str:
     """``target`` cut to ``window`` (qemu option syntax). ``flush=False``: qemu-img does not
-    flush the disk when it closes it (``cache.no-flush``); the agent's own ``flush_body`` does,
-    once, beside the read-back."""
+    flush the disk when it closes it (``cache.no-flush``); the agent's ``BodyFlush`` does, once,
+    beside the read-back."""
     driver = "host_device" if target.startswith("/dev/") else "file"
     cut = f"driver=raw,offset={window[0]}" + (f",size={window[1]}" if sized else "")
     cut += "" if flush else ",cache.no-flush=on"
@@ -95,7 +95,7 @@ def target_opts(target: str, window: Region, *, sized: bool = True, flush: bool 
 
 def convert_args(image: Path, fmt: str, target: str, window: Region, direct: bool) -> list[str]:
     """qemu-img convert of the image's ``window`` to the same offsets of ``target``, not
-    flushed (see ``flush_body``)."""
+    flushed (see ``BodyFlush``)."""
     args = ["qemu-img", "convert", "-p", "-n", "-W", "-m", "16"]
     args += ["-t", "none"] if direct else ["-t", "writeback"]
     args += ["--image-opts", _source(image, fmt, window)]
@@ -143,7 +143,8 @@ def copy_body(
     on_progress: Progress | None = None,
     timeout: float = 6 * 3600,
 ) -> None:
-    """Copy the image's body (everything but its head) to the disk; cant_write on failure."""
+    """Copy the image's body (everything but its head) to the disk; cant_write on failure.
+    Not yet durable when it returns: ``BodyFlush`` makes it so."""
     window = plan.body
     if window[1] == 0:
         return
