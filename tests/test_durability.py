@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
+from test_crash import pttype
+from test_install import payload
 
 from agent import messages as msg
 from agent import pipeline, writer
@@ -27,19 +29,6 @@ from demo.sample_image import build_image
 pytestmark = pytest.mark.root
 MiB = 1024 * 1024
 FLUSH_DELAY = 0.4
-
-
-def _request(url: str, fmt: str):
-    return parse_request(
-        {
-            "templateName": "byoi_64",
-            "details": {"customHostname": "node-1"},
-            "userMetadata": [
-                {"key": "imageURL", "value": url},
-                {"key": "imageType", "value": fmt},
-            ],
-        }
-    )
 
 
 class Timeline:
@@ -94,15 +83,8 @@ def _watch(monkeypatch, timeline: Timeline, flush_fault: OSError | None = None) 
 def _install(tmp_path: Path, url: str, fmt: str, dev: str, stream: bool) -> InstallStatus:
     status = InstallStatus()
     options = pipeline.InstallOptions(disk=dev, workdir=tmp_path / "work", stream=stream)
-    pipeline.run_install(_request(url, fmt), options, status)
+    pipeline.run_install(parse_request(payload(url, fmt)), options, status)
     return status
-
-
-def _pttype(dev: str) -> str:
-    out = subprocess.run(
-        ["blkid", "-p", "-o", "export", dev], capture_output=True, text=True, timeout=60
-    ).stdout
-    return next((line for line in out.splitlines() if line.startswith("PTTYPE=")), "")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["copy", "stream"])
@@ -116,7 +98,7 @@ def test_the_tables_wait_for_the_body_flush_that_runs_beside_the_read_back(
     _watch(monkeypatch, timeline)
     status = _install(tmp_path, f"{base}/img.qcow2", "qcow2", dev, stream)
     assert status.message == msg.install_done(dev)
-    assert _pttype(dev) == "PTTYPE=gpt"
+    assert pttype(dev) == "gpt"
     # the flush ran while the read-back did (it started before the read-back ended) ...
     assert timeline.at("flush start") < timeline.at("verify end")
     # ... and the config drive, the first table write, waited for it to end
@@ -131,12 +113,12 @@ def test_a_failed_body_flush_is_a_failed_write_and_leaves_no_table(
     build_image(www / "img.qcow2", size_mib=48)
     dev = make_loop(128 * MiB)
     subprocess.run(["sgdisk", "-o", dev], capture_output=True, check=True, timeout=60)
-    assert _pttype(dev) == "PTTYPE=gpt"  # an old table the failed install must not leave
+    assert pttype(dev) == "gpt"  # an old table the failed install must not leave
     timeline = Timeline()
     _watch(monkeypatch, timeline, OSError(errno.EIO, "Input/output error"))
     status = _install(tmp_path, f"{base}/img.qcow2", "qcow2", dev, stream=False)
     assert status.message == msg.cant_write("qcow2")
     assert all(w != "drive" for _, w in timeline.events), timeline.events
-    assert _pttype(dev) == ""
+    assert pttype(dev) == ""
     with open(dev, "rb") as f:
         assert f.read(MiB) == bytes(MiB)

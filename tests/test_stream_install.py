@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from badserver import BadServer, paced
+from test_crash import pttype
 from test_install import fill_pattern, payload
 
 from agent import messages as msg
@@ -42,11 +43,6 @@ def install(tmp_path: Path, url: str, fmt: str, dev: str, checksum: str):
         cwd=ROOT,
     )
     return proc, json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def pttype(dev: str) -> str:
-    out = subprocess.run(["blkid", "-p", "-o", "export", dev], capture_output=True, text=True)
-    return dict(x.split("=", 1) for x in out.stdout.splitlines() if "=" in x).get("PTTYPE", "")
 
 
 def same_body(image: Path, fmt: str, dev: str, tmp_path: Path) -> bool:
